@@ -66,12 +66,13 @@ def _kth_largest_bits(bits: jax.Array, k: int) -> jax.Array:
   """
   def body(_, lohi):
     lo, hi = lohi  # invariant: count(bits >= lo) >= k, count(bits >= hi+1) < k
-    mid = lo + (hi - lo + 1) // 2
+    gap = hi - lo  # never overflows: 0 <= gap < 2**31
+    mid = lo + gap // 2 + (gap & 1)
     ok = jnp.sum(bits >= mid) >= k
     return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
 
   lo = jnp.int32(0)
-  hi = jnp.int32(2**31 - 1)
+  hi = jnp.int32(0x7F800000)  # bit pattern of +inf
   lo, _ = jax.lax.fori_loop(0, 31, body, (lo, hi))
   return lo
 
