@@ -1,0 +1,396 @@
+"""The epoch loop: train, evaluate, log, checkpoint, resume (SPEC section 6).
+
+``run(cfg)`` is what ``python -m dssgd_jax.main`` calls. It writes into
+``cfg.workdir``:
+
+* ``config.json`` — the resolved configuration;
+* ``metrics.jsonl`` — one JSON object per epoch (accuracy of the participants'
+  own models: mean/min/max, the server model's accuracy, training loss,
+  entries and bytes uploaded and downloaded per participant, ε spent, wall
+  time);
+* ``checkpoint.npz`` — server state, every participant's parameters and the
+  epoch, written atomically (a temporary file, fsync, then ``os.replace``) so a
+  kill while writing never corrupts the previous checkpoint;
+* ``summary.json`` — written when the run completes.
+
+Rerunning the same command resumes from the last complete checkpoint. Epoch
+keys are ``fold_in(train_key, epoch)``, so a resumed run draws the same random
+numbers and produces the same metrics as an uninterrupted one.
+"""
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dssgd_jax import algorithms
+from dssgd_jax import evaluation
+from dssgd_jax import models as models_lib
+from dssgd_jax import participant as participant_lib
+from dssgd_jax import server as server_lib
+from dssgd_jax.config import Config
+from dssgd_jax.errors import ConfigError, NonFiniteError
+
+CHECKPOINT = "checkpoint.npz"
+METRICS = "metrics.jsonl"
+CONFIG = "config.json"
+SUMMARY = "summary.json"
+
+# Config fields that may change between a run and its resumption.
+_RESUMABLE_CHANGES = ("epochs", "progress", "checkpoint_every", "eval_every",
+                      "workdir", "mesh_shape", "coordinator_address",
+                      "num_processes", "process_id")
+
+# Metric fields that measure time and so differ between identical runs.
+TIMING_FIELDS = ("wall_time_s", "elapsed_s")
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything a run needs, built once from a config (see :func:`setup`)."""
+  cfg: Config
+  model: Any
+  unravel: Callable
+  num_params: int
+  spec: Any
+  epoch_fn: Callable            # jitted (state, images, labels, key) -> ...
+  init_state: dict              # {"server": ServerState, "local": (P, D)}
+  images: jax.Array             # (P, n, ...) private training data
+  labels: jax.Array             # (P, n)
+  evaluate: Callable            # (P', D) -> accuracies
+  test_images: np.ndarray
+  test_labels: np.ndarray
+  train_key: jax.Array
+
+
+def resolve_conv_impl(cfg: Config) -> str:
+  if cfg.conv_impl != "auto":
+    return cfg.conv_impl
+  return "im2col"
+
+
+def setup(cfg: Config, dataset=None, parts=None) -> Experiment:
+  """Loads data, builds the model, the initial state and the jitted epoch.
+
+  Args:
+    cfg: a validated config.
+    dataset: optional preloaded :class:`~dssgd_jax.data.Dataset` (already
+      preprocessed); by default ``dssgd_jax.data.prepare(cfg)`` loads it.
+    parts: optional (N, n) partition indices to go with ``dataset``.
+  """
+  if dataset is None:
+    from dssgd_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+    dataset, parts = data_lib.prepare(cfg)
+  model = models_lib.get_model(cfg.model, dataset.num_classes,
+                               conv_impl=resolve_conv_impl(cfg))
+  root = jax.random.key(cfg.seed)
+  init_key, train_key = jax.random.split(root)
+  params = models_lib.init_params(model, dataset.image_shape, init_key)
+  flat, unravel = participant_lib.flatten_params(params)
+  num_params = int(flat.shape[0])
+  spec = algorithms.exchange_spec(cfg, num_params)
+  images, labels = algorithms.participant_layout(
+      cfg, dataset.train_images, dataset.train_labels, parts)
+  num_models = images.shape[0]
+  local = jnp.tile(flat[None], (num_models, 1))
+  state = {"server": server_lib.init(flat), "local": local}
+  epoch = algorithms.epoch_function(cfg, model.apply, unravel, spec)
+  if hasattr(epoch, "init_extra"):
+    state["extra"] = epoch.init_extra(state)
+
+  def epoch_fn(st, imgs, labs, key):
+    extra = st.get("extra")
+    if extra is not None:
+      server, local, stats, extra = epoch(st["server"], st["local"], imgs,
+                                          labs, key, extra)
+      return {"server": server, "local": local, "extra": extra}, stats
+    server, local, stats = epoch(st["server"], st["local"], imgs, labs, key)
+    return {"server": server, "local": local}, stats
+
+  test_x, test_y = dataset.test_images, dataset.test_labels
+  if cfg.eval_examples and cfg.eval_examples < len(test_y):
+    pick = np.random.default_rng(cfg.seed + 1).choice(
+        len(test_y), cfg.eval_examples, replace=False)
+    pick.sort()
+    test_x, test_y = test_x[pick], test_y[pick]
+  evaluate = evaluation.make_evaluator(model.apply, unravel, test_x, test_y,
+                                       num_models)
+  server_eval = evaluation.make_evaluator(model.apply, unravel, test_x,
+                                          test_y, 1)
+
+  def evaluate_all(st):
+    acc = np.asarray(evaluate(st["local"]))
+    if cfg.algorithm == "centralized":
+      return acc, float(acc[0])  # the one model is also the "server" model
+    if not spec.upload:
+      return acc, None  # standalone: the server is never updated
+    server_acc = float(np.asarray(server_eval(st["server"].params[None]))[0])
+    return acc, server_acc
+
+  return Experiment(
+      cfg=cfg, model=model, unravel=unravel, num_params=num_params, spec=spec,
+      epoch_fn=jax.jit(epoch_fn, donate_argnums=(0,)), init_state=state,
+      images=jnp.asarray(images), labels=jnp.asarray(labels),
+      evaluate=evaluate_all, test_images=test_x, test_labels=test_y,
+      train_key=train_key)
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints.
+
+
+def save_checkpoint(path: str, state: Any, epoch: int) -> None:
+  """Writes ``state`` (a pytree of arrays) and ``epoch`` atomically to path."""
+  leaves, _ = jax.tree_util.tree_flatten(state)
+  arrays = {f"leaf_{i:04d}": np.asarray(x) for i, x in enumerate(leaves)}
+  arrays["epoch"] = np.asarray(epoch)
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    np.savez(f, **arrays)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, template: Any) -> tuple[Any, int]:
+  """Reads a checkpoint written by :func:`save_checkpoint` into template."""
+  leaves, treedef = jax.tree_util.tree_flatten(template)
+  with np.load(path) as z:
+    new = [jnp.asarray(z[f"leaf_{i:04d}"], dtype=leaf.dtype)
+           for i, leaf in enumerate(leaves)]
+    for a, b in zip(new, leaves):
+      if a.shape != b.shape:
+        raise ConfigError(f"{path} holds arrays of another shape ({a.shape} "
+                          f"vs {b.shape}); use a new --workdir.")
+    epoch = int(z["epoch"])
+  return jax.tree_util.tree_unflatten(treedef, new), epoch
+
+
+# ----------------------------------------------------------------------------
+# Privacy accounting.
+
+
+def epsilon_spent(cfg: Config, epochs_done: int) -> float | None:
+  """ε per participant after ``epochs_done`` epochs (None: no DP guarantee)."""
+  if cfg.algorithm != "dssgd" or cfg.upload_fraction == 0:
+    return 0.0 if cfg.algorithm == "standalone" or (
+        cfg.algorithm == "dssgd" and cfg.upload_fraction == 0) else None
+  if cfg.noise == "svt":
+    from dssgd_jax import privacy  # pylint: disable=g-import-not-at-top
+    return float(privacy.epsilon_spent(cfg.epsilon, epochs_done))
+  if cfg.noise == "gaussian" and cfg.l2_clip is not None and epochs_done > 0:
+    from dssgd_jax import accounting  # pylint: disable=g-import-not-at-top
+    return float(accounting.gaussian_epsilon(
+        cfg.noise_scale / cfg.l2_clip, epochs_done, cfg.delta))
+  return None
+
+
+# ----------------------------------------------------------------------------
+# The loop.
+
+
+def _read_metrics(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if line:
+        try:
+          rows.append(json.loads(line))
+        except json.JSONDecodeError:
+          break  # a torn last line from a kill; drop it
+  return rows
+
+
+def _write_lines(path: str, rows: list[dict]) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    for r in rows:
+      f.write(json.dumps(r) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _check_config(workdir: str, cfg: Config) -> None:
+  path = os.path.join(workdir, CONFIG)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = json.load(f)
+  new = dataclasses.asdict(cfg)
+  for k, v in new.items():
+    if k in _RESUMABLE_CHANGES or k not in old:
+      continue
+    if old[k] != v:
+      raise ConfigError(
+          f"--workdir={workdir} holds a run with --{k}={old[k]!r}, not "
+          f"{v!r}; use a new --workdir or the same flags to resume.")
+
+
+def _fmt_time(s: float) -> str:
+  if s < 120:
+    return f"{s:.0f}s"
+  if s < 7200:
+    return f"{s / 60:.1f}min"
+  return f"{s / 3600:.1f}h"
+
+
+def _is_eval_epoch(cfg: Config, epoch: int) -> bool:
+  return epoch % cfg.eval_every == 0 or epoch == cfg.epochs
+
+
+def run(cfg: Config, dataset=None, parts=None, log=None) -> dict:
+  """Runs (or resumes) an experiment; returns the summary dict.
+
+  Args:
+    cfg: a validated :class:`~dssgd_jax.config.Config` with ``workdir`` set.
+    dataset, parts: optional preloaded data (see :func:`setup`).
+    log: callable for progress lines (default: print to stderr).
+  """
+  if log is None:
+    def log(msg):
+      print(msg, file=sys.stderr, flush=True)
+  if not cfg.workdir:
+    raise ConfigError("--workdir is required: the directory where the run "
+                      "writes its config, metrics and checkpoints.")
+  workdir = cfg.workdir
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"--workdir={workdir} cannot be created: "
+                      f"{e.strerror}.") from None
+  _check_config(workdir, cfg)
+  exp = setup(cfg, dataset, parts)
+  with open(os.path.join(workdir, CONFIG) + ".tmp", "w") as f:
+    f.write(cfg.to_json())
+  os.replace(os.path.join(workdir, CONFIG) + ".tmp",
+             os.path.join(workdir, CONFIG))
+
+  ckpt_path = os.path.join(workdir, CHECKPOINT)
+  metrics_path = os.path.join(workdir, METRICS)
+  state, start = exp.init_state, 0
+  if os.path.exists(ckpt_path):
+    state, start = load_checkpoint(ckpt_path, exp.init_state)
+    log(f"Resuming {workdir} after epoch {start}.")
+  rows = [r for r in _read_metrics(metrics_path) if r["epoch"] <= start]
+  _write_lines(metrics_path, rows)
+
+  num_models = int(exp.images.shape[0])
+  elapsed = rows[-1]["elapsed_s"] if rows else 0.0
+  tb = _tensorboard_writer(workdir)
+  epoch_times = []
+  for epoch in range(start + 1, cfg.epochs + 1):
+    t0 = time.time()
+    key = jax.random.fold_in(exp.train_key, epoch)
+    new_state, stats = exp.epoch_fn(state, exp.images, exp.labels, key)
+    losses = np.asarray(stats.loss)
+    if not np.all(np.isfinite(losses)):
+      bad = int(np.flatnonzero(~np.isfinite(losses))[0])
+      who = "the model" if cfg.algorithm == "centralized" else (
+          f"participant {bad}")
+      raise NonFiniteError(
+          f"Epoch {epoch}: {who} has a non-finite training loss "
+          f"({losses[bad]}); stopping — try a smaller --learning_rate "
+          f"(outputs up to epoch {epoch - 1} are kept in {workdir}).")
+    state = new_state
+    row = {"epoch": epoch}
+    if _is_eval_epoch(cfg, epoch):
+      acc, server_acc = exp.evaluate(state)
+      row.update(participant_accuracy_mean=float(acc.mean()),
+                 participant_accuracy_min=float(acc.min()),
+                 participant_accuracy_max=float(acc.max()),
+                 server_accuracy=server_acc)
+    else:
+      row.update(participant_accuracy_mean=None, participant_accuracy_min=None,
+                 participant_accuracy_max=None, server_accuracy=None)
+    up = float(np.mean(np.asarray(stats.uploaded)))
+    down = float(np.mean(np.asarray(stats.downloaded)))
+    wall = time.time() - t0
+    elapsed += wall
+    row.update(
+        train_loss=float(losses.mean()),
+        uploaded_entries=up,
+        downloaded_entries=down,
+        bytes_up=algorithms.uploaded_bytes(exp.spec, up, exp.num_params),
+        bytes_down=algorithms.downloaded_bytes(exp.spec, down, exp.num_params),
+        epsilon_spent=epsilon_spent(cfg, epoch),
+        num_models=num_models,
+        num_params=exp.num_params,
+        wall_time_s=wall,
+        elapsed_s=elapsed)
+    rows.append(row)
+    with open(metrics_path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
+    if tb is not None:
+      tb(epoch, row)
+    if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
+      save_checkpoint(ckpt_path, state, epoch)
+    epoch_times.append(wall)
+    if cfg.progress:
+      log(_progress_line(cfg, row, epoch_times))
+  summary = summarize(cfg, rows)
+  with open(os.path.join(workdir, SUMMARY), "w") as f:
+    json.dump(summary, f, indent=2)
+  return summary
+
+
+def _progress_line(cfg: Config, row: dict, epoch_times: list[float]) -> str:
+  recent = epoch_times[-3:] if len(epoch_times) > 1 else epoch_times
+  per = float(np.median(recent[1:] if len(recent) > 1 else recent))
+  left = per * (cfg.epochs - row["epoch"])
+  parts = [f"[{cfg.algorithm}] epoch {row['epoch']}/{cfg.epochs}"]
+  if row["participant_accuracy_mean"] is not None:
+    parts.append(
+        f"acc {row['participant_accuracy_mean']:.4f} "
+        f"[{row['participant_accuracy_min']:.3f}, "
+        f"{row['participant_accuracy_max']:.3f}]")
+    if row["server_accuracy"] is not None:
+      parts.append(f"server {row['server_accuracy']:.4f}")
+  parts.append(f"loss {row['train_loss']:.4f}")
+  parts.append(f"up {row['uploaded_entries']:,.0f}")
+  if row["epsilon_spent"] is not None:
+    parts.append(f"eps {row['epsilon_spent']:.3g}")
+  parts.append(f"{row['wall_time_s']:.2f}s/epoch, ~{_fmt_time(left)} left")
+  return "  ".join(parts)
+
+
+def summarize(cfg: Config, rows: list[dict]) -> dict:
+  """Final and best accuracies, total cost and ε of a list of metric rows."""
+  evals = [r for r in rows if r["participant_accuracy_mean"] is not None]
+  last = evals[-1] if evals else {}
+  best = max((r["participant_accuracy_mean"] for r in evals), default=None)
+  return {
+      "algorithm": cfg.algorithm,
+      "epochs": rows[-1]["epoch"] if rows else 0,
+      "final_participant_accuracy_mean": last.get("participant_accuracy_mean"),
+      "final_participant_accuracy_min": last.get("participant_accuracy_min"),
+      "final_participant_accuracy_max": last.get("participant_accuracy_max"),
+      "final_server_accuracy": last.get("server_accuracy"),
+      "best_participant_accuracy_mean": best,
+      "bytes_up_total": float(sum(r["bytes_up"] for r in rows)),
+      "bytes_down_total": float(sum(r["bytes_down"] for r in rows)),
+      "epsilon_spent": rows[-1]["epsilon_spent"] if rows else None,
+      "elapsed_s": rows[-1]["elapsed_s"] if rows else 0.0,
+  }
+
+
+def _tensorboard_writer(workdir: str):
+  """A ``(step, row) -> None`` TensorBoard scalar writer, or None."""
+  try:
+    from dssgd_jax import tb_events  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return tb_events.make_writer(workdir)
+
+

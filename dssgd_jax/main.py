@@ -1,0 +1,37 @@
+r"""Runs one DSSGD experiment: flags -> config -> ``experiment.run(config)``.
+
+Usage::
+
+  python -m dssgd_jax.main --flagfile=configs/quickstart.cfg --workdir=/tmp/qs
+  python -m dssgd_jax.main --flagfile=configs/quickstart.cfg \
+      --workdir=/tmp/qs_standalone --algorithm=standalone
+
+A flag given after ``--flagfile`` overrides the file. Rerunning the same
+command resumes from the last checkpoint in ``--workdir``. Bad flags or files
+print one sentence and exit with status 2.
+"""
+
+import sys
+
+from absl import app
+
+from dssgd_jax import config as config_lib
+from dssgd_jax import cli
+
+config_lib.define_flags()
+
+
+def main(argv):
+  if len(argv) > 1:
+    cli.fail(f"Unexpected arguments: {' '.join(argv[1:])} (flags are "
+             "--name=value).")
+  with cli.user_errors():
+    cfg = config_lib.from_flags()
+    cli.setup_devices(cfg)
+    from dssgd_jax import experiment  # pylint: disable=g-import-not-at-top
+    summary = experiment.run(cfg)
+  print(cli.summary_text(summary))
+
+
+if __name__ == "__main__":
+  sys.exit(app.run(main, flags_parser=cli.parse_flags))
