@@ -9,6 +9,7 @@ import contextlib
 import sys
 
 from absl import flags
+from absl import logging
 
 from dssgd_jax.errors import UserError
 
@@ -20,11 +21,21 @@ def fail(message: str, status: int = 2):
 
 
 def parse_flags(argv):
-  """absl flag parsing that reports a bad flag in one line (exit 2)."""
+  """absl flag parsing that reports a bad flag in one line (exit 2).
+
+  Also quiets absl's INFO logging (e.g. JAX probing for absent TPU/GPU
+  backends); pass ``--verbosity=0`` to see it again.
+  """
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
+  except flags.CantOpenFlagFileError as e:
+    reason = str(e).split("Unable to open flagfile:", 1)[-1].strip()
+    fail(f"--flagfile cannot be read: {reason}")
   except flags.Error as e:
-    fail(str(e).replace("\n", " "))
+    fail(" ".join(str(e).split()))
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  return rest
 
 
 @contextlib.contextmanager
