@@ -32,6 +32,18 @@ DOWNLOAD_RULES = ("all", "most_updated", "random")
 CONV_IMPLS = ("auto", "im2col", "xla")
 STALENESS = ("constant", "uniform", "geometric")
 
+# Training examples of each dataset (SVHN: train split; with
+# --svhn_paper_split the paper's 100,000-example pool), checked before any data
+# is loaded so that too many participants fail at once.
+TRAIN_EXAMPLES = {
+    "digits": 1437,
+    "mnist": 60_000,
+    "fashion_mnist": 60_000,
+    "svhn_cropped": 73_257,
+    "cifar10": 50_000,
+}
+SVHN_PAPER_TRAIN_EXAMPLES = 100_000
+
 DEFAULT_MODEL = {
     "digits": "digits_cnn",
     "mnist": "mnist_cnn",
@@ -174,6 +186,15 @@ def validate(cfg: Config) -> Config:
     _positive(cfg, "clip_bound")
   if cfg.l2_clip is not None:
     _positive(cfg, "l2_clip")
+  available = (SVHN_PAPER_TRAIN_EXAMPLES if cfg.dataset == "svhn_cropped"
+               and cfg.svhn_paper_split else TRAIN_EXAMPLES[cfg.dataset])
+  need = cfg.num_participants * cfg.samples_per_participant
+  if need > available:
+    raise ConfigError(
+        f"--num_participants={cfg.num_participants} x "
+        f"--samples_per_participant={cfg.samples_per_participant} needs "
+        f"{need:,} training examples but --dataset={cfg.dataset} has only "
+        f"{available:,}.")
   if cfg.batch_size > cfg.samples_per_participant:
     raise ConfigError(
         f"--batch_size={cfg.batch_size} is larger than "

@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+import zipfile
 from typing import Any, Callable
 
 import jax
@@ -145,30 +146,68 @@ def setup(cfg: Config, dataset=None, parts=None) -> Experiment:
 # Checkpoints.
 
 
-def save_checkpoint(path: str, state: Any, epoch: int) -> None:
-  """Writes ``state`` (a pytree of arrays) and ``epoch`` atomically to path."""
+# Test hooks (tests/test_resume.py): exit abruptly, as a kill would, after
+# epoch N's checkpoint, or in the middle of writing epoch N's checkpoint.
+KILL_AFTER_EPOCH_ENV = "DSSGD_JAX_KILL_AFTER_EPOCH"
+KILL_IN_CHECKPOINT_ENV = "DSSGD_JAX_KILL_IN_CHECKPOINT"
+KILLED_EXIT = 137
+
+
+def _kill_requested(env: str, epoch: int) -> bool:
+  return os.environ.get(env) == str(epoch)
+
+
+def save_checkpoint(path: str, state: Any, epoch: int,
+                    train_key: jax.Array | None = None) -> None:
+  """Writes ``state`` (a pytree of arrays) and ``epoch`` atomically to path.
+
+  ``train_key`` (the PRNG key epoch keys are folded from) is stored too, so
+  that a resumed run can check it draws the same random numbers.
+  """
   leaves, _ = jax.tree_util.tree_flatten(state)
   arrays = {f"leaf_{i:04d}": np.asarray(x) for i, x in enumerate(leaves)}
   arrays["epoch"] = np.asarray(epoch)
+  if train_key is not None:
+    arrays["train_key"] = np.asarray(jax.random.key_data(train_key))
   tmp = path + ".tmp"
   with open(tmp, "wb") as f:
     np.savez(f, **arrays)
+    if _kill_requested(KILL_IN_CHECKPOINT_ENV, epoch):
+      f.truncate(f.tell() // 2)  # a torn write, then die before os.replace
+      f.flush()
+      os._exit(KILLED_EXIT)  # pylint: disable=protected-access
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, path)
 
 
-def load_checkpoint(path: str, template: Any) -> tuple[Any, int]:
-  """Reads a checkpoint written by :func:`save_checkpoint` into template."""
+def load_checkpoint(path: str, template: Any,
+                    train_key: jax.Array | None = None) -> tuple[Any, int]:
+  """Reads a checkpoint written by :func:`save_checkpoint` into template.
+
+  Raises:
+    ConfigError: the file is unreadable, holds other shapes, or was written
+      with another PRNG key (another --seed).
+  """
   leaves, treedef = jax.tree_util.tree_flatten(template)
-  with np.load(path) as z:
-    new = [jnp.asarray(z[f"leaf_{i:04d}"], dtype=leaf.dtype)
-           for i, leaf in enumerate(leaves)]
-    for a, b in zip(new, leaves):
-      if a.shape != b.shape:
-        raise ConfigError(f"{path} holds arrays of another shape ({a.shape} "
-                          f"vs {b.shape}); use a new --workdir.")
-    epoch = int(z["epoch"])
+  try:
+    with np.load(path) as z:
+      new = [jnp.asarray(z[f"leaf_{i:04d}"], dtype=leaf.dtype)
+             for i, leaf in enumerate(leaves)]
+      epoch = int(z["epoch"])
+      saved_key = z["train_key"] if "train_key" in z.files else None
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    raise ConfigError(f"{path} is not a readable checkpoint ({e}); delete it "
+                      "to restart the run from epoch 0, or use a new "
+                      "--workdir.") from None
+  for a, b in zip(new, leaves):
+    if a.shape != b.shape:
+      raise ConfigError(f"{path} holds arrays of another shape ({a.shape} "
+                        f"vs {b.shape}); use a new --workdir.")
+  if saved_key is not None and train_key is not None and not np.array_equal(
+      saved_key, np.asarray(jax.random.key_data(train_key))):
+    raise ConfigError(f"{path} was written with another PRNG key (another "
+                      "--seed); use a new --workdir.")
   return jax.tree_util.tree_unflatten(treedef, new), epoch
 
 
@@ -224,8 +263,12 @@ def _check_config(workdir: str, cfg: Config) -> None:
   path = os.path.join(workdir, CONFIG)
   if not os.path.exists(path):
     return
-  with open(path) as f:
-    old = json.load(f)
+  try:
+    with open(path) as f:
+      old = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"{path} is not a readable run configuration ({e}); "
+                      "use a new --workdir.") from None
   new = dataclasses.asdict(cfg)
   for k, v in new.items():
     if k in _RESUMABLE_CHANGES or k not in old:
@@ -279,7 +322,7 @@ def run(cfg: Config, dataset=None, parts=None, log=None) -> dict:
   metrics_path = os.path.join(workdir, METRICS)
   state, start = exp.init_state, 0
   if os.path.exists(ckpt_path):
-    state, start = load_checkpoint(ckpt_path, exp.init_state)
+    state, start = load_checkpoint(ckpt_path, exp.init_state, exp.train_key)
     log(f"Resuming {workdir} after epoch {start}.")
   rows = [r for r in _read_metrics(metrics_path) if r["epoch"] <= start]
   _write_lines(metrics_path, rows)
@@ -335,14 +378,26 @@ def run(cfg: Config, dataset=None, parts=None, log=None) -> dict:
     if tb is not None:
       tb(epoch, row)
     if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
-      save_checkpoint(ckpt_path, state, epoch)
+      save_checkpoint(ckpt_path, state, epoch, exp.train_key)
     epoch_times.append(wall)
     if cfg.progress:
       log(_progress_line(cfg, row, epoch_times))
+    if _kill_requested(KILL_AFTER_EPOCH_ENV, epoch):
+      os._exit(KILLED_EXIT)  # pylint: disable=protected-access
   summary = summarize(cfg, rows)
   with open(os.path.join(workdir, SUMMARY), "w") as f:
     json.dump(summary, f, indent=2)
+  _draw_figures(workdir, log)
   return summary
+
+
+def _draw_figures(workdir: str, log: Callable[[str], None]) -> None:
+  """accuracy.png and accuracy_vs_bytes.png (``python -m dssgd_jax.plot``)."""
+  try:
+    from dssgd_jax import plot  # pylint: disable=g-import-not-at-top
+    plot.plot_run(workdir)
+  except Exception as e:  # pylint: disable=broad-except
+    log(f"warning: could not draw the figures of {workdir}: {e}")
 
 
 def _progress_line(cfg: Config, row: dict, epoch_times: list[float]) -> str:
