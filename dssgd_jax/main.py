@@ -14,11 +14,13 @@ print one sentence and exit with status 2.
 import sys
 
 from absl import app
+from absl import flags
 
 from dssgd_jax import config as config_lib
 from dssgd_jax import cli
 
 config_lib.define_flags()
+flags.adopt_module_key_flags(config_lib)  # list them in --help
 
 
 def main(argv):
