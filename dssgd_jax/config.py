@@ -195,7 +195,13 @@ def validate(cfg: Config) -> Config:
         f"--samples_per_participant={cfg.samples_per_participant} needs "
         f"{need:,} training examples but --dataset={cfg.dataset} has only "
         f"{available:,}.")
-  if cfg.batch_size > cfg.samples_per_participant:
+  if cfg.algorithm == "centralized":  # one model on the union of the data
+    if cfg.batch_size > need:
+      raise ConfigError(
+          f"--batch_size={cfg.batch_size} is larger than the {need:,} "
+          "examples of --algorithm=centralized (--num_participants x "
+          "--samples_per_participant).")
+  elif cfg.batch_size > cfg.samples_per_participant:
     raise ConfigError(
         f"--batch_size={cfg.batch_size} is larger than "
         f"--samples_per_participant={cfg.samples_per_participant}.")

@@ -313,17 +313,17 @@ def run(cfg: Config, dataset=None, parts=None, log=None) -> dict:
                       f"{e.strerror}.") from None
   _check_config(workdir, cfg)
   exp = setup(cfg, dataset, parts)
+  ckpt_path = os.path.join(workdir, CHECKPOINT)
+  metrics_path = os.path.join(workdir, METRICS)
+  state, start = exp.init_state, 0
+  if os.path.exists(ckpt_path):  # read (and check) it before writing anything
+    state, start = load_checkpoint(ckpt_path, exp.init_state, exp.train_key)
+    if cfg.progress:
+      log(f"Resuming {workdir} after epoch {start}.")
   with open(os.path.join(workdir, CONFIG) + ".tmp", "w") as f:
     f.write(cfg.to_json())
   os.replace(os.path.join(workdir, CONFIG) + ".tmp",
              os.path.join(workdir, CONFIG))
-
-  ckpt_path = os.path.join(workdir, CHECKPOINT)
-  metrics_path = os.path.join(workdir, METRICS)
-  state, start = exp.init_state, 0
-  if os.path.exists(ckpt_path):
-    state, start = load_checkpoint(ckpt_path, exp.init_state, exp.train_key)
-    log(f"Resuming {workdir} after epoch {start}.")
   rows = [r for r in _read_metrics(metrics_path) if r["epoch"] <= start]
   _write_lines(metrics_path, rows)
 
@@ -401,9 +401,10 @@ def _draw_figures(workdir: str, log: Callable[[str], None]) -> None:
 
 
 def _progress_line(cfg: Config, row: dict, epoch_times: list[float]) -> str:
-  recent = epoch_times[-3:] if len(epoch_times) > 1 else epoch_times
-  per = float(np.median(recent[1:] if len(recent) > 1 else recent))
-  left = per * (cfg.epochs - row["epoch"])
+  # The first epoch of a process includes compilation: leave it out of the
+  # estimate once there is a steady one.
+  steady = epoch_times[1:][-5:] or epoch_times
+  left = float(np.median(steady)) * (cfg.epochs - row["epoch"])
   parts = [f"[{cfg.algorithm}] epoch {row['epoch']}/{cfg.epochs}"]
   if row["participant_accuracy_mean"] is not None:
     parts.append(
@@ -416,7 +417,11 @@ def _progress_line(cfg: Config, row: dict, epoch_times: list[float]) -> str:
   parts.append(f"up {row['uploaded_entries']:,.0f}")
   if row["epsilon_spent"] is not None:
     parts.append(f"eps {row['epsilon_spent']:.3g}")
-  parts.append(f"{row['wall_time_s']:.2f}s/epoch, ~{_fmt_time(left)} left")
+  if len(epoch_times) == 1 and row["epoch"] < cfg.epochs:
+    parts.append(f"{row['wall_time_s']:.2f}s (with compilation), "
+                 f"≤{_fmt_time(left)} left")
+  else:
+    parts.append(f"{row['wall_time_s']:.2f}s/epoch, ~{_fmt_time(left)} left")
   return "  ".join(parts)
 
 

@@ -1,0 +1,189 @@
+"""Bad flags and bad files through the real CLI (``python -m dssgd_jax.main``).
+
+Every case must exit with status 2 and print exactly one line to stderr that
+starts with ``error:`` and names the flag or file, with no traceback, and must
+leave an existing run in ``--workdir`` byte-for-byte unchanged. Most cases are
+caught by ``config.validate`` before JAX is even imported.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from dssgd_jax import experiment
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+BASE = ["--dataset=digits", "--model=digits_mlp", "--num_participants=4",
+        "--samples_per_participant=50", "--batch_size=10",
+        "--learning_rate=0.1", "--eval_examples=120", "--epochs=2",
+        "--noprogress"]
+
+# (flags added after BASE, text the one-line message must contain).
+BAD_FLAGS = [
+    (["--upload_fraction=1.5"], "--upload_fraction"),
+    (["--download_fraction=-0.1"], "--download_fraction"),
+    (["--upload_loss=2"], "--upload_loss"),
+    (["--learning_rate=0"], "--learning_rate"),
+    (["--learning_rate=-0.01"], "--learning_rate"),
+    (["--batch_size=0"], "--batch_size"),
+    (["--batch_size=51"], "--batch_size"),
+    (["--epochs=0"], "--epochs"),
+    (["--num_participants=0"], "--num_participants"),
+    (["--num_participants=100"], "--num_participants"),  # 5,000 > 1,437
+    (["--samples_per_participant=-5"], "--samples_per_participant"),
+    (["--threshold=-1"], "--threshold"),
+    (["--stat_decay=0"], "--stat_decay"),
+    (["--clip_bound=0"], "--clip_bound"),
+    (["--dataset=imagenet"], "--dataset"),
+    (["--model=resnet50"], "--model"),
+    (["--algorithm=sgd"], "--algorithm"),
+    (["--protocol=gossip"], "--protocol"),
+    (["--selection=smallest"], "--selection"),
+    (["--noise=uniform"], "--noise"),
+    (["--partition=random"], "--partition"),
+    (["--download_rule=oldest"], "--download_rule"),
+    (["--noise=svt"], "--epsilon"),
+    (["--noise=svt", "--epsilon=1"], "--clip_bound"),
+    (["--epsilon=1"], "--epsilon"),
+    (["--noise=laplace"], "--noise_scale"),
+    (["--algorithm=fedavg", "--protocol=round_robin"], "--protocol"),
+    (["--algorithm=standalone", "--noise=laplace", "--noise_scale=1"],
+     "--noise"),
+    (["--protocol=async", "--algorithm=centralized"], "--protocol=async"),
+    (["--batch_size=abc"], "--batch_size"),
+    (["--learning_rate=fast"], "--learning_rate"),
+    (["--no_such_flag=1"], "no_such_flag"),
+    (["--flagfile=/no/such/preset.cfg"], "/no/such/preset.cfg"),
+    (["leftover_argument"], "leftover_argument"),
+    # Contradicting the finished run in --workdir (not resumable changes).
+    (["--seed=1"], "--seed"),
+    (["--algorithm=standalone"], "--algorithm"),
+]
+
+
+def _snapshot(path):
+  out = {}
+  for root, _, files in os.walk(path):
+    for name in files:
+      p = os.path.join(root, name)
+      with open(p, "rb") as f:
+        out[os.path.relpath(p, path)] = hashlib.sha256(f.read()).hexdigest()
+  return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _jit_cache(tmp_path_factory):
+  """Subprocesses of this module share a persistent compilation cache."""
+  global _ENV
+  _ENV = dict(os.environ, JAX_PLATFORMS="cpu",
+              JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jit")),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+_ENV = None
+
+
+def _cli(args, timeout=300):
+  env = _ENV or dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "dssgd_jax.main", *args],
+                        capture_output=True, text=True, cwd=REPO, env=env,
+                        timeout=timeout)
+
+
+def _assert_one_line_error(out, must_contain):
+  assert out.returncode == 2, (out.returncode, out.stderr)
+  assert "Traceback" not in out.stderr + out.stdout, out.stderr
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1, out.stderr
+  assert lines[0].startswith("error:"), lines[0]
+  assert must_contain in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  """A finished 2-epoch run (real, through the CLI)."""
+  workdir = tmp_path_factory.mktemp("finished")
+  out = _cli([*BASE, f"--workdir={workdir}"])
+  assert out.returncode == 0, out.stderr
+  return workdir
+
+
+@pytest.mark.parametrize("flags,must_contain", BAD_FLAGS,
+                         ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_bad_flag(flags, must_contain, finished_run):
+  before = _snapshot(finished_run)
+  out = _cli([*BASE, f"--workdir={finished_run}", *flags])
+  _assert_one_line_error(out, must_contain)
+  assert _snapshot(finished_run) == before
+
+
+def test_missing_workdir():
+  _assert_one_line_error(_cli(BASE), "--workdir")
+
+
+def test_workdir_is_a_file(tmp_path):
+  path = tmp_path / "not_a_dir"
+  path.write_text("x")
+  _assert_one_line_error(_cli([*BASE, f"--workdir={path}"]), "--workdir")
+  assert path.read_text() == "x"
+
+
+def test_bad_flagfile_content(tmp_path):
+  preset = tmp_path / "preset.cfg"
+  preset.write_text("--dataset=digits\n--batch_size=ten\n")
+  _assert_one_line_error(_cli([f"--flagfile={preset}",
+                               f"--workdir={tmp_path / 'w'}"]), "--batch_size")
+
+
+def test_missing_dataset_files(tmp_path):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  out = _cli(["--dataset=mnist", "--data_source=files", f"--data_dir={empty}",
+              "--num_participants=2", "--samples_per_participant=10",
+              "--batch_size=5",
+              f"--workdir={tmp_path / 'w'}"])
+  _assert_one_line_error(out, str(empty))
+
+
+@pytest.mark.parametrize("name", ["checkpoint.npz", "config.json"])
+def test_corrupt_file_in_workdir(name, tmp_path, finished_run):
+  workdir = tmp_path / "copy"
+  shutil.copytree(finished_run, workdir)
+  (workdir / name).write_bytes(b"\x00garbage, not a " + name.encode())
+  before = _snapshot(workdir)
+  out = _cli([*BASE, f"--workdir={workdir}", "--epochs=3"])
+  _assert_one_line_error(out, name)
+  assert _snapshot(workdir) == before
+
+
+def test_non_finite_loss_stops_and_keeps_earlier_outputs(tmp_path):
+  # Huge Laplace noise on the uploads (parallel protocol: every participant
+  # trains epoch 1 on the initial model) makes the server's vector overflow,
+  # so every participant's epoch-2 loss is non-finite.
+  flags = [*BASE, f"--workdir={tmp_path}", "--protocol=parallel",
+           "--noise=laplace", "--noise_scale=1e30"]
+  out = _cli([*flags, "--epochs=1"])
+  assert out.returncode == 0, out.stderr
+  before = _snapshot(tmp_path)
+  out = _cli([*flags, "--epochs=3"])
+  _assert_one_line_error(out, "Epoch 2: participant 0")
+  assert "non-finite" in out.stderr and "--learning_rate" in out.stderr
+  after = _snapshot(tmp_path)
+  for name in ("metrics.jsonl", "checkpoint.npz", "summary.json"):
+    assert after[name] == before[name], name
+  with open(tmp_path / "metrics.jsonl") as f:
+    assert [json.loads(l)["epoch"] for l in f] == [1]
+
+
+def test_huge_learning_rate_stops_in_epoch_1(tmp_path):
+  out = _cli([*BASE, f"--workdir={tmp_path}", "--learning_rate=1e12"])
+  _assert_one_line_error(out, "Epoch 1: participant")
+  assert not os.path.exists(tmp_path / experiment.CHECKPOINT)
+  assert not os.path.exists(tmp_path / experiment.SUMMARY)

@@ -1,0 +1,150 @@
+"""plot.py (figures of a run or a sweep) and tb_events.py (TensorBoard files).
+
+Both work on files alone, so these tests write synthetic metrics and need no
+training.
+"""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from dssgd_jax import plot
+from dssgd_jax import tb_events
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _rows(epochs, acc0=0.3, up=800.0):
+  rows = []
+  for e in range(1, epochs + 1):
+    acc = acc0 + 0.05 * e
+    rows.append(dict(epoch=e, participant_accuracy_mean=acc,
+                     participant_accuracy_min=acc - 0.1,
+                     participant_accuracy_max=acc + 0.05,
+                     server_accuracy=acc + 0.01, train_loss=2.0 / e,
+                     uploaded_entries=up / 8, downloaded_entries=100.0,
+                     bytes_up=up, bytes_down=400.0, epsilon_spent=None,
+                     wall_time_s=0.1, elapsed_s=0.1 * e))
+  return rows
+
+
+def _write_run(path, rows, torn=False, algorithm="dssgd"):
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+    for r in rows:
+      f.write(json.dumps(r) + "\n")
+    if torn:
+      f.write('{"epoch": 99, "participant_acc')  # a run writing right now
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(dict(algorithm=algorithm, upload_fraction=0.1, dataset="digits",
+                   model="digits_mlp", num_participants=4,
+                   samples_per_participant=50, batch_size=10,
+                   learning_rate=0.1), f)
+
+
+def _png_size(path):
+  with open(path, "rb") as f:
+    head = f.read(24)
+  assert head[:8] == PNG_MAGIC, path
+  return struct.unpack(">II", head[16:24])
+
+
+def test_plot_a_running_run(tmp_path):
+  _write_run(tmp_path, _rows(5), torn=True)
+  paths = plot.plot(str(tmp_path))
+  assert sorted(os.path.basename(p) for p in paths) == [
+      "accuracy.png", "accuracy_vs_bytes.png"]
+  for p in paths:
+    w, h = _png_size(p)
+    assert w > 400 and h > 300
+    assert os.path.getsize(p) > 10_000  # axes, curves and text, not blank
+
+
+def test_plot_a_sweep_directory_cli(tmp_path):
+  _write_run(tmp_path / "dssgd_0.1", _rows(4))
+  _write_run(tmp_path / "standalone", _rows(4, 0.2, up=0.0),
+             algorithm="standalone")
+  _write_run(tmp_path / "fedavg", _rows(2, 0.1, up=4e4), algorithm="fedavg")
+  out = subprocess.run([sys.executable, "-m", "dssgd_jax.plot",
+                        str(tmp_path)], capture_output=True, text=True,
+                       cwd=REPO, timeout=120)
+  assert out.returncode == 0, out.stderr
+  for name in ("figure.png", "figure_bytes.png"):
+    assert str(tmp_path / name) in out.stdout
+    _png_size(tmp_path / name)
+
+
+def test_plot_errors_are_one_line(tmp_path):
+  for args in ([str(tmp_path / "missing")], [str(tmp_path)], []):
+    out = subprocess.run([sys.executable, "-m", "dssgd_jax.plot", *args],
+                         capture_output=True, text=True, cwd=REPO,
+                         timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert out.stderr.startswith("error:")
+
+
+def test_plot_help():
+  out = subprocess.run([sys.executable, "-m", "dssgd_jax.plot", "--help"],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+  assert "python -m dssgd_jax.plot WORKDIR" in out.stdout + out.stderr
+
+
+# ----------------------------------------------------------------------------
+# TensorBoard event files.
+
+
+def test_crc32c_known_answer():
+  assert tb_events.crc32c(b"123456789") == 0xE3069283
+  assert tb_events.crc32c(b"") == 0
+
+
+def test_events_round_trip(tmp_path):
+  write = tb_events.make_writer(str(tmp_path))
+  write(1, {"epoch": 1, "participant_accuracy_mean": 0.5, "bytes_up": 3848.0,
+            "server_accuracy": None, "epsilon_spent": None, "flag": True})
+  write(2, {"epoch": 2, "participant_accuracy_mean": 0.75,
+            "bytes_up": 3848.0, "server_accuracy": 0.7})
+  files = tb_events.event_files(str(tmp_path))
+  assert len(files) == 1 and "tfevents" in os.path.basename(files[0])
+  assert os.path.dirname(files[0]) == str(tmp_path / "events")
+  got = [(s.step, s.tag, s.value) for s in tb_events.read_scalars(
+      str(tmp_path))]
+  assert got == [(1, "participant_accuracy_mean", 0.5),
+                 (1, "bytes_up", 3848.0),
+                 (2, "participant_accuracy_mean", 0.75),
+                 (2, "bytes_up", 3848.0),
+                 (2, "server_accuracy", pytest.approx(0.7))]
+  # The first record is the file version TensorBoard checks.
+  first = next(tb_events.read_records(files[0]))
+  assert b"brain.Event:2" in first
+
+  # A torn last record (a kill mid-write) is ignored; a flipped bit is not.
+  data = open(files[0], "rb").read()
+  with open(files[0], "wb") as f:
+    f.write(data + tb_events.frame_record(b"x" * 50)[:30])
+  assert len(tb_events.read_scalars(str(tmp_path))) == 5
+  corrupt = bytearray(data)
+  corrupt[-7] ^= 0x40
+  with open(files[0], "wb") as f:
+    f.write(bytes(corrupt))
+  with pytest.raises(ValueError, match="CRC"):
+    tb_events.read_scalars(str(tmp_path))
+
+
+def test_events_readable_by_tensorboard(tmp_path):
+  """Cross-check with TensorBoard's own reader where it is installed."""
+  ea = pytest.importorskip(
+      "tensorboard.backend.event_processing.event_accumulator")
+  write = tb_events.make_writer(str(tmp_path))
+  for step in (1, 2, 3):
+    write(step, {"epoch": step, "train_loss": 1.0 / step})
+  acc = ea.EventAccumulator(str(tmp_path / "events"))
+  acc.Reload()
+  assert [(e.step, round(e.value, 6)) for e in acc.Scalars("train_loss")] == [
+      (1, 1.0), (2, 0.5), (3, round(1 / 3, 6))]

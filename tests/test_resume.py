@@ -1,0 +1,126 @@
+"""Checkpoints and resumption with real process kills (experiment.py).
+
+A subprocess running ``python -m dssgd_jax.main`` is killed (``os._exit``
+from the test hooks in experiment.py, which skips every cleanup exactly like
+SIGKILL) after an epoch's checkpoint, or in the middle of writing one; the same
+command then resumes, and its metrics must equal those of an uninterrupted run
+number for number (timing fields aside).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dssgd_jax import experiment
+from dssgd_jax import tb_events
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+FLAGS = ["--dataset=digits", "--model=digits_mlp", "--num_participants=4",
+         "--samples_per_participant=50", "--batch_size=10",
+         "--learning_rate=0.1", "--upload_fraction=0.1", "--eval_examples=120",
+         "--protocol=round_robin", "--epochs=4"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  """Subprocess environment sharing a persistent compilation cache."""
+  e = dict(os.environ)
+  e.update(JAX_PLATFORMS="cpu",
+           JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jitcache")),
+           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+           JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  for k in (experiment.KILL_AFTER_EPOCH_ENV,
+            experiment.KILL_IN_CHECKPOINT_ENV):
+    e.pop(k, None)
+  return e
+
+
+def _main(workdir, env, extra=(), **hooks):
+  e = dict(env, **hooks)
+  return subprocess.run(
+      [sys.executable, "-m", "dssgd_jax.main", *FLAGS, f"--workdir={workdir}",
+       *extra], capture_output=True, text=True, cwd=REPO, env=e, timeout=300)
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(l) for l in f]
+
+
+def _strip(rows):
+  return [{k: v for k, v in r.items() if k not in experiment.TIMING_FIELDS}
+          for r in rows]
+
+
+def _checkpoint(workdir):
+  with np.load(os.path.join(workdir, "checkpoint.npz")) as z:
+    return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, env):
+  """An uninterrupted 4-epoch run."""
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  out = _main(workdir, env)
+  assert out.returncode == 0, out.stderr
+  return workdir
+
+
+def test_killed_after_epoch_2_resumes_identically(tmp_path, env, reference):
+  out = _main(tmp_path, env, **{experiment.KILL_AFTER_EPOCH_ENV: "2"})
+  assert out.returncode == experiment.KILLED_EXIT, out.stderr
+  assert [r["epoch"] for r in _metrics(tmp_path)] == [1, 2]
+  assert not os.path.exists(tmp_path / "summary.json")
+  ckpt = _checkpoint(tmp_path)
+  assert int(ckpt["epoch"]) == 2
+
+  out = _main(tmp_path, env)
+  assert out.returncode == 0, out.stderr
+  assert "Resuming" in out.stderr and "after epoch 2" in out.stderr
+  assert _strip(_metrics(tmp_path)) == _strip(_metrics(reference))
+  assert "Traceback" not in out.stderr
+
+  # The checkpoint holds the server state, every participant's parameters,
+  # the PRNG key the epoch keys are folded from, and the epoch.
+  ckpt = _checkpoint(tmp_path)
+  ref = _checkpoint(reference)
+  d = _metrics(tmp_path)[0]["num_params"]
+  shapes = sorted(v.shape for k, v in ckpt.items() if k.startswith("leaf_"))
+  assert (4, d) in shapes and shapes.count((d,)) == 2  # local; params, stat
+  assert int(ckpt["epoch"]) == 4 and "train_key" in ckpt
+  assert ckpt.keys() == ref.keys()
+  for k in ckpt:
+    np.testing.assert_array_equal(ckpt[k], ref[k], err_msg=k)
+
+  # TensorBoard events: every epoch exactly once across both processes.
+  steps = [s.step for s in tb_events.read_scalars(str(tmp_path))
+           if s.tag == "participant_accuracy_mean"]
+  assert steps == [1, 2, 3, 4]
+
+
+def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(
+    tmp_path, env, reference):
+  # Checkpoints every 2 epochs: epochs 3 and 4 run, epoch 4's checkpoint is
+  # torn half-way, and the process dies before replacing epoch 2's.
+  extra = ["--checkpoint_every=2"]
+  out = _main(tmp_path, env, extra, **{experiment.KILL_IN_CHECKPOINT_ENV: "4"})
+  assert out.returncode == experiment.KILLED_EXIT, out.stderr
+  assert [r["epoch"] for r in _metrics(tmp_path)] == [1, 2, 3, 4]
+  assert int(_checkpoint(tmp_path)["epoch"]) == 2  # intact and loadable
+  torn = tmp_path / "checkpoint.npz.tmp"
+  assert torn.exists()
+  with pytest.raises(Exception):
+    np.load(torn)["epoch"]  # pylint: disable=expression-not-assigned
+
+  out = _main(tmp_path, env, extra)
+  assert out.returncode == 0, out.stderr
+  assert "after epoch 2" in out.stderr
+  # Epochs 3 and 4 were recomputed from epoch 2's checkpoint, not appended.
+  assert _strip(_metrics(tmp_path)) == _strip(_metrics(reference))
+  assert int(_checkpoint(tmp_path)["epoch"]) == 4
+
