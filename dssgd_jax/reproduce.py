@@ -35,6 +35,12 @@ table and the sweep goes on. At the end the command writes into ``--workdir``:
 * ``reproduce.json`` — the plan, written first (``python -m dssgd_jax.plot
   WORKDIR`` redraws the figures of a sweep that is still running).
 
+With ``--audit`` every complete run is also audited by a membership-inference
+attack (:func:`dssgd_jax.audit.audit_run`: the loss-threshold attack of Yeom
+et al. 2018 against each participant's final model; ``audit.json`` in the run
+directory) and the table gets one "attack AUC / advantage" column per batch
+size / learning rate column (mean over participants), plus ε per participant.
+
 Accuracy is the mean over participants of their own models' test accuracy
 (centralized: the one model; FedAvg: the averaged server model, which is what
 every FedAvg participant holds after downloading).
@@ -69,6 +75,9 @@ flags.DEFINE_list("upload_fractions", ["1", "0.1", "0.01", "0.001"],
 flags.DEFINE_list("baselines", list(BASELINES), "Baseline rows, any of "
                   f"{', '.join(BASELINES)} (empty: none).")
 flags.DEFINE_boolean("dry_run", False, "Print the runs and exit.")
+flags.DEFINE_boolean("audit", False, "Run the membership-inference audit "
+                     "(dssgd_jax.audit) on every complete run and add its "
+                     "AUC and advantage to the table.")
 
 TABLE = "table.md"
 RESULTS_JSON = "results.json"
@@ -319,6 +328,13 @@ def _cell(res: dict) -> str:
   return text
 
 
+def _audit_cell(res: dict) -> str:
+  a = res.get("audit")
+  if not a:
+    return "—"
+  return f"{a['auc']:.3f} / {a['advantage']:.3f}"
+
+
 def markdown_table(base: config_lib.Config, rows: list[str], columns,
                    results: dict[str, dict]) -> str:
   """The Markdown text of ``table.md``."""
@@ -326,6 +342,10 @@ def markdown_table(base: config_lib.Config, rows: list[str], columns,
   head = [""] + [f"M = {m}, k = {_num(k)}" for _, m, k in columns]
   if paper:
     head.append(f"paper ({paper[0]})")
+  audited = any("audit" in r for r in results.values())
+  if audited:
+    head += [f"attack AUC / adv., M = {m}, k = {_num(k)}"
+             for _, m, k in columns] + ["ε / participant"]
   head += ["upload / participant / epoch", "time"]
   lines = ["| " + " | ".join(head) + " |",
            "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
@@ -341,6 +361,12 @@ def markdown_table(base: config_lib.Config, rows: list[str], columns,
     if paper:
       value = paper[1].get(row)
       cells.append("—" if value is None else f"{value:.4f}")
+    if audited:
+      cells += [_audit_cell(results[f"{row}_{key}"]) for key, _, _ in columns]
+      eps = [(results[f"{row}_{key}"]["metrics"] or [{}])[-1].get(
+          "epsilon_spent") for key, _, _ in columns]
+      cells.append("0" if first["algorithm"] == "standalone" else "∞" if (
+          None in eps) else "/".join(f"{e:g}" for e in eps))
     cells.append(plot_lib._human_bytes(first["bytes_up_per_epoch"]))  # pylint: disable=protected-access
     cells.append(f"{total_time:.0f} s")
     lines.append("| " + " | ".join(cells) + " |")
@@ -369,6 +395,14 @@ def markdown_table(base: config_lib.Config, rows: list[str], columns,
       "",
       f"Settings: {settings}",
   ]
+  if audited:
+    text += ["", "Attack: membership inference by loss threshold (Yeom et "
+             "al. 2018, `python -m dssgd_jax.audit`) against each "
+             "participant's final model, members = its training examples, "
+             "non-members = as many test examples; AUC and advantage "
+             "(max TPR − FPR) are means over participants. ε per "
+             "participant: total over the run by basic composition (∞: no "
+             "guarantee; 0: nothing shared)."]
   if paper:
     text += ["", "Paper numbers: SPEC section 6 (seed paper Table 4 for SVHN: "
              "CNN, 1,000 samples per participant; the seed's conclusion for "
@@ -386,9 +420,35 @@ CSV_FIELDS = ("run", "row", "algorithm", "upload_fraction", "batch_size",
               "elapsed_s")
 
 
-def write_results(workdir: str, base, rows, columns, runs, log) -> dict:
+def audit_runs(runs: list[Run], results: dict[str, dict], log) -> None:
+  """Adds ``audit`` (loss attack AUC/advantage) to every complete result."""
+  from dssgd_jax import audit as audit_lib  # pylint: disable=g-import-not-at-top
+  from dssgd_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  data = None
+  for run in runs:
+    res = results[run.name]
+    if res["status"] != "complete":
+      continue
+    if data is None:
+      data = data_lib.prepare(run.config)
+    full = audit_lib.audit_run(run.config.workdir, attacks=("loss",),
+                               dataset=data[0], parts=data[1])
+    loss = full["attacks"]["loss"]
+    res["audit"] = {"auc": loss["auc"]["mean"],
+                    "advantage": loss["advantage"]["mean"],
+                    "auc_min": loss["auc"]["min"],
+                    "auc_max": loss["auc"]["max"],
+                    "num_members": full["num_members"]}
+    log(f"[reproduce] audit {run.name}: AUC {loss['auc']['mean']:.4f}, "
+        f"advantage {loss['advantage']['mean']:.4f}")
+
+
+def write_results(workdir: str, base, rows, columns, runs, log,
+                  audit: bool = False) -> dict:
   """Writes table.md, results.json, results.csv and the figures."""
   results = {r.name: run_result(r) for r in runs}
+  if audit:
+    audit_runs(runs, results, log)
   table = markdown_table(base, rows, columns, results)
   with open(os.path.join(workdir, TABLE), "w") as f:
     f.write(table)
@@ -419,7 +479,8 @@ def write_results(workdir: str, base, rows, columns, runs, log) -> dict:
 
 def reproduce(base: config_lib.Config, batch_sizes=(), learning_rates=(),
               upload_fractions=("1", "0.1", "0.01", "0.001"),
-              baselines=BASELINES, dry_run=False, log=None) -> str:
+              baselines=BASELINES, dry_run=False, log=None,
+              audit=False) -> str:
   """Runs the sweep into ``base.workdir``; returns the Markdown table."""
   if log is None:
     def log(msg):
@@ -443,7 +504,7 @@ def reproduce(base: config_lib.Config, batch_sizes=(), learning_rates=(),
     _check_existing(r)
   _write_json(os.path.join(base.workdir, plot_lib.MANIFEST), manifest)
   execute(runs, log)
-  write_results(base.workdir, base, rows, columns, runs, log)
+  write_results(base.workdir, base, rows, columns, runs, log, audit=audit)
   log(f"[reproduce] done in {time.time() - execute_start:.0f}s.")
   with open(os.path.join(base.workdir, TABLE)) as f:
     return f.read()
@@ -464,7 +525,8 @@ def main(argv):
     base = config_lib.from_flags()
     cli.setup_devices(base)
     table = reproduce(base, f.batch_sizes, f.learning_rates,
-                      f.upload_fractions, f.baselines, f.dry_run)
+                      f.upload_fractions, f.baselines, f.dry_run,
+                      audit=f.audit)
   print(table, end="")
 
 
