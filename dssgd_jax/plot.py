@@ -246,7 +246,8 @@ def plot_sweep(workdir: str, manifest: dict | None = None, dpi: int = 120
       ("epoch", SWEEP_FIGURE, "epoch"),
       ("bytes_up", SWEEP_BYTES_FIGURE,
        "cumulative bytes uploaded per participant (log)")):
-    fig, axes = plt.subplots(1, ncol, figsize=(5.2 * ncol + 1.8, 4.4),
+    legend_w = 2.6  # inches on the right for the legend
+    fig, axes = plt.subplots(1, ncol, figsize=(5.2 * ncol + legend_w, 4.4),
                              squeeze=False, sharey=True)
     for ax, col in zip(axes[0], columns):
       for run in runs:
@@ -288,7 +289,7 @@ def plot_sweep(workdir: str, manifest: dict | None = None, dpi: int = 120
     title = manifest.get("title")
     if title:
       fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1 - 1.9 / (5.2 * ncol + 1.8), 1))
+    fig.tight_layout(rect=(0, 0, 1 - legend_w / (5.2 * ncol + legend_w), 1))
     path = os.path.join(workdir, name)
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
