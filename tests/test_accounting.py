@@ -43,7 +43,7 @@ def test_gaussian_epsilon_rdp_equals_dp_accounting(z, epochs, delta):
 
 
 def test_gaussian_epsilon_pld_equals_dp_accounting():
-  z, epochs, delta = 3.0, 10, 1e-5
+  z, epochs, delta = 6.0, 10, 1e-5
   pld = dp_accounting.pld.PLDAccountant
   assert accounting.gaussian_epsilon(
       z, epochs, delta, "pld", "add_remove") == pytest.approx(
@@ -115,10 +115,10 @@ def test_gaussian_event_and_sensitivity():
 def test_noise_multiplier_calibration_round_trip():
   for accountant, epochs, target in (("rdp", 20, 4.0), ("pld", 1, 2.0)):
     z = accounting.gaussian_noise_multiplier(target, epochs, 1e-5,
-                                             accountant=accountant)
+                                             accountant=accountant, rtol=1e-2)
     eps = accounting.gaussian_epsilon(z, epochs, 1e-5, accountant=accountant)
-    assert eps <= target and eps == pytest.approx(target, rel=1e-2)
-    assert accounting.gaussian_epsilon(z * 0.99, epochs, 1e-5,
+    assert eps <= target and eps == pytest.approx(target, rel=3e-2)
+    assert accounting.gaussian_epsilon(z * 0.97, epochs, 1e-5,
                                        accountant=accountant) > target
 
 
