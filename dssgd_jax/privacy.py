@@ -440,7 +440,10 @@ def svt_apply(delta: jax.Array, noise: SVTNoise, *, count: int, clip_bound,
   gamma = jnp.asarray(clip_bound, jnp.float32)
   clipped = clip(delta.astype(jnp.float32), gamma)
   scores = jnp.abs(clipped)[noise.order] + noise.query_noise
-  thresholds = jnp.asarray(threshold, jnp.float32) + noise.threshold_noise
+  # Finite thresholds: the -inf padding after the last position never passes.
+  thresholds = jnp.maximum(
+      jnp.asarray(threshold, jnp.float32) + noise.threshold_noise,
+      jnp.finfo(jnp.float32).min)
   pos, valid = _first_passages(scores, thresholds, count, window, per_step)
   idx = jnp.where(valid, noise.order[pos], 0).astype(jnp.int32)
   values = clip(clipped[idx] + noise.value_noise, gamma)
@@ -489,7 +492,7 @@ def svt_select(delta: jax.Array, key: jax.Array, *, count: int, epsilon,
   for name, value in (("epsilon", epsilon), ("clip_bound", clip_bound)):
     if value is None:
       raise ValueError(f"svt_select needs {name}")
-    if isinstance(value, (int, float)) and not value > 0:
+    if isinstance(value, (int, float, np.number)) and not value > 0:
       raise ValueError(f"svt_select needs {name} > 0, got {value}")
   return _svt_select(delta, key, epsilon, clip_bound, threshold, count=count,
                      window=window, per_step=per_step)
