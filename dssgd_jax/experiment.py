@@ -223,7 +223,12 @@ def epsilon_spent(cfg: Config, epochs_done: int) -> float | None:
   if cfg.noise == "svt":
     from dssgd_jax import privacy  # pylint: disable=g-import-not-at-top
     return float(privacy.epsilon_spent(cfg.epsilon, epochs_done))
-  if cfg.noise == "gaussian" and cfg.l2_clip is not None and epochs_done > 0:
+  # The Gaussian mechanism covers the released values only; the choice of
+  # indices is covered too only when it does not depend on the data (random
+  # selection, or everything uploaded). Otherwise no ε is claimed.
+  data_independent = cfg.selection == "random" or cfg.upload_fraction >= 1.0
+  if (cfg.noise == "gaussian" and cfg.l2_clip is not None and epochs_done > 0
+      and data_independent):
     from dssgd_jax import accounting  # pylint: disable=g-import-not-at-top
     return float(accounting.gaussian_epsilon(
         cfg.noise_scale / cfg.l2_clip, epochs_done, cfg.delta))
