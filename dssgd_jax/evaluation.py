@@ -49,7 +49,7 @@ def make_evaluator(apply_fn: Callable, unravel: Callable, images: np.ndarray,
   correct = participant_lib.make_accuracy_fn(apply_fn, unravel)
 
   @jax.jit
-  def evaluate(flat_stack):
+  def _evaluate(flat_stack, x, y, m):
     def body(total, batch):
       bx, by, bm = batch
       hits = jax.vmap(correct, in_axes=(0, None, None, None))(
@@ -59,5 +59,10 @@ def make_evaluator(apply_fn: Callable, unravel: Callable, images: np.ndarray,
     total, _ = jax.lax.scan(body, jnp.zeros(flat_stack.shape[:1], jnp.int32),
                             (x, y, m))
     return total / num
+
+  # The test set is an argument, not a closed-over constant, so XLA does not
+  # fold it into the compiled program.
+  def evaluate(flat_stack):
+    return _evaluate(flat_stack, x, y, m)
 
   return evaluate
