@@ -6,6 +6,7 @@ leave an existing run in ``--workdir`` byte-for-byte unchanged. Most cases are
 caught by ``config.validate`` before JAX is even imported.
 """
 
+import fcntl
 import hashlib
 import json
 import os
@@ -77,14 +78,30 @@ def _snapshot(path):
   return out
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _jit_cache(tmp_path_factory):
-  """Subprocesses of this module share a persistent compilation cache."""
-  global _ENV
-  _ENV = dict(os.environ, JAX_PLATFORMS="cpu",
-              JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jit")),
+def _session_dir(tmp_path_factory, name):
+  """A directory shared by all pytest-xdist workers of this test session."""
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent
+  path = base / name
+  path.mkdir(exist_ok=True)
+  return path
+
+
+def _jit_env(tmp_path_factory):
+  """Subprocess environment with a persistent compilation cache shared by
+  this session's CLI tests (identical tiny runs compile once)."""
+  return dict(os.environ, JAX_PLATFORMS="cpu",
+              JAX_COMPILATION_CACHE_DIR=str(
+                  _session_dir(tmp_path_factory, "dssgd_jit_cache")),
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _jit_cache(tmp_path_factory):
+  global _ENV
+  _ENV = _jit_env(tmp_path_factory)
 
 
 _ENV = None
@@ -108,10 +125,14 @@ def _assert_one_line_error(out, must_contain):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-  """A finished 2-epoch run (real, through the CLI)."""
-  workdir = tmp_path_factory.mktemp("finished")
-  out = _cli([*BASE, f"--workdir={workdir}"])
-  assert out.returncode == 0, out.stderr
+  """A finished 2-epoch run (real, through the CLI; one per session)."""
+  root = _session_dir(tmp_path_factory, "cli_errors_finished")
+  workdir = root / "run"
+  with open(root / "lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (workdir / "summary.json").exists():
+      out = _cli([*BASE, f"--workdir={workdir}"])
+      assert out.returncode == 0, out.stderr
   return workdir
 
 

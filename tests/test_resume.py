@@ -7,6 +7,7 @@ command then resumes, and its metrics must equal those of an uninterrupted run
 number for number (timing fields aside).
 """
 
+import fcntl
 import json
 import os
 import subprocess
@@ -26,14 +27,29 @@ FLAGS = ["--dataset=digits", "--model=digits_mlp", "--num_participants=4",
          "--protocol=round_robin", "--epochs=4"]
 
 
+def _session_dir(tmp_path_factory, name):
+  """A directory shared by all pytest-xdist workers of this test session."""
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent
+  path = base / name
+  path.mkdir(exist_ok=True)
+  return path
+
+
+def _jit_env(tmp_path_factory):
+  """Subprocess environment with a persistent compilation cache shared by
+  this session's CLI tests (identical tiny runs compile once)."""
+  return dict(os.environ, JAX_PLATFORMS="cpu",
+              JAX_COMPILATION_CACHE_DIR=str(
+                  _session_dir(tmp_path_factory, "dssgd_jit_cache")),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-  """Subprocess environment sharing a persistent compilation cache."""
-  e = dict(os.environ)
-  e.update(JAX_PLATFORMS="cpu",
-           JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jitcache")),
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-           JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  e = _jit_env(tmp_path_factory)
   for k in (experiment.KILL_AFTER_EPOCH_ENV,
             experiment.KILL_IN_CHECKPOINT_ENV):
     e.pop(k, None)
@@ -64,10 +80,14 @@ def _checkpoint(workdir):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, env):
-  """An uninterrupted 4-epoch run."""
-  workdir = tmp_path_factory.mktemp("uninterrupted")
-  out = _main(workdir, env)
-  assert out.returncode == 0, out.stderr
+  """An uninterrupted 4-epoch run (one per session, whatever the worker)."""
+  root = _session_dir(tmp_path_factory, "resume_reference")
+  workdir = root / "run"
+  with open(root / "lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (workdir / "summary.json").exists():
+      out = _main(workdir, env)
+      assert out.returncode == 0, out.stderr
   return workdir
 
 
