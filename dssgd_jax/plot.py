@@ -112,8 +112,11 @@ def curve(rows: list[dict], key: str = "participant_accuracy_mean"
 
 
 def _pyplot():
+  """pyplot, on the Agg backend unless a notebook or a user chose one."""
+  import sys  # pylint: disable=g-import-not-at-top
   import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg", force=True)
+  if "matplotlib.pyplot" not in sys.modules and "ipykernel" not in sys.modules:
+    matplotlib.use("Agg")  # files only; leaves notebooks' inline figures be
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   return plt
 
