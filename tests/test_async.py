@@ -1,0 +1,106 @@
+"""The async protocol: reductions to parallel and standalone, determinism."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dssgd_jax import async_protocol
+from dssgd_jax import config as config_lib
+from dssgd_jax import experiment
+
+_BASE = dict(dataset="digits", model="digits_mlp", num_participants=4,
+             samples_per_participant=24, batch_size=8, learning_rate=0.1,
+             upload_fraction=0.3, epochs=3, eval_examples=100, progress=False,
+             seed=5)
+
+
+def _run(epochs=3, **kw):
+  """(state, stats, accuracies) after ``epochs`` epochs of a tiny run."""
+  cfg = config_lib.validate(config_lib.Config(**{**_BASE, **kw}))
+  exp = experiment.setup(cfg)
+  state = exp.init_state
+  stats = None
+  for e in range(1, epochs + 1):
+    state, stats = exp.epoch_fn(state, exp.images, exp.labels,
+                                jax.random.fold_in(exp.train_key, e))
+  acc, _ = exp.evaluate(state)
+  return state, stats, acc
+
+
+def test_async_without_staleness_or_loss_is_parallel():
+  a_state, a_stats, a_acc = _run(protocol="async", max_staleness=0,
+                                 upload_loss=0.0)
+  p_state, p_stats, p_acc = _run(protocol="parallel")
+  np.testing.assert_allclose(a_state["local"], p_state["local"], rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_allclose(a_state["server"].params,
+                             p_state["server"].params, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(a_stats.uploaded, p_stats.uploaded)
+  np.testing.assert_array_equal(a_stats.downloaded, p_stats.downloaded)
+  np.testing.assert_allclose(a_acc, p_acc)
+
+
+def test_async_with_every_upload_lost_is_standalone():
+  a_state, a_stats, a_acc = _run(protocol="async", max_staleness=2,
+                                 staleness="uniform", upload_loss=1.0)
+  s_state, _, s_acc = _run(algorithm="standalone", protocol="parallel")
+  np.testing.assert_allclose(a_state["local"], s_state["local"], rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_allclose(a_acc, s_acc)
+  # Nothing reached the server, nothing was downloaded.
+  np.testing.assert_array_equal(a_state["server"].params,
+                                s_state["server"].params)
+  assert int(jnp.sum(a_stats.uploaded)) == 0
+  assert int(jnp.sum(a_stats.downloaded)) == 0
+
+
+def test_async_stale_run_is_deterministic_and_differs_from_parallel():
+  kw = dict(protocol="async", max_staleness=2, staleness="geometric",
+            upload_loss=0.3)
+  a, stats_a, _ = _run(**kw)
+  b, _, _ = _run(**kw)
+  np.testing.assert_array_equal(a["local"], b["local"])
+  np.testing.assert_array_equal(a["extra"]["params"], b["extra"]["params"])
+  assert a["extra"]["params"].shape[0] == 3  # ring of max_staleness + 1
+  np.testing.assert_array_equal(a["extra"]["params"][0], a["server"].params)
+  p, _, _ = _run(protocol="parallel")
+  assert not np.allclose(a["local"], p["local"])
+  assert np.all(np.isfinite(np.asarray(stats_a.loss)))
+
+
+def test_constant_staleness_trains_on_old_snapshots():
+  # With constant staleness 1 the first two epochs both start from the
+  # initial server, so epoch 2's downloads ignore epoch 1's uploads.
+  state, _, _ = _run(epochs=2, protocol="async", max_staleness=1,
+                     staleness="constant")
+  ring = np.asarray(state["extra"]["params"])
+  assert ring.shape[0] == 2
+  assert not np.allclose(ring[0], ring[1])
+
+
+@pytest.mark.parametrize("dist", ["constant", "uniform", "geometric"])
+def test_staleness_draws_stay_in_range(dist):
+  s = async_protocol.draw_staleness(jax.random.key(0), 1000, dist, 3)
+  assert int(s.min()) >= 0 and int(s.max()) <= 3
+  if dist == "constant":
+    assert set(np.asarray(s).tolist()) == {3}
+  else:
+    assert len(set(np.asarray(s).tolist())) > 1
+  if dist == "geometric":
+    assert np.mean(np.asarray(s) == 0) > 0.4  # P(0) = 1/2
+
+
+def test_checkpoint_resume_with_async_extra_state(tmp_path):
+  cfg = config_lib.validate(config_lib.Config(
+      **{**_BASE, "protocol": "async", "max_staleness": 1,
+         "staleness": "uniform", "upload_loss": 0.2,
+         "workdir": str(tmp_path / "full")}))
+  full = experiment.run(cfg, log=lambda m: None)
+  part = cfg.replace(workdir=str(tmp_path / "part"), epochs=2)
+  experiment.run(part, log=lambda m: None)
+  resumed = experiment.run(part.replace(epochs=3), log=lambda m: None)
+  assert resumed["final_participant_accuracy_mean"] == pytest.approx(
+      full["final_participant_accuracy_mean"])
+  assert resumed["final_server_accuracy"] == pytest.approx(
+      full["final_server_accuracy"])
