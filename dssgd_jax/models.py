@@ -203,8 +203,12 @@ def num_params(params: Any) -> int:
 
 
 def init_params(model: nn.Module, input_shape: Sequence[int], key: jax.Array):
-  """Initializes ``model`` for inputs of shape ``input_shape`` (no batch)."""
-  return model.init(key, jnp.zeros((1,) + tuple(input_shape), jnp.float32))
+  """Initializes ``model`` for inputs of shape ``input_shape`` (no batch).
+
+  Jitted: one compilation instead of many small op-by-op ones.
+  """
+  return jax.jit(model.init)(
+      key, jnp.zeros((1,) + tuple(input_shape), jnp.float32))
 
 
 def flops_per_example(name: str, input_shape: Sequence[int] | None = None
