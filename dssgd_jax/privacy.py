@@ -55,7 +55,7 @@ machine while other jobs loaded it; CPU time of the process, close to an idle
 machine's wall time): D = 313,546, c = 31,355 (the ``svhn_cnn`` at θu = 0.1)
 takes 0.09 s for one participant and 3.2 s vmapped over 30 participants;
 D = 105,506, c = 10,551 (``mnist_cnn``) 0.02 s and 0.74 s. About 80% of it is
-the permutation's sorts. See ``docs_privacy.md``.
+the permutation's sorts. See the privacy section of README.md.
 """
 
 import functools

@@ -7,7 +7,7 @@ Usage::
       --svt_upload_fraction=0.01 --svt_clip_bound=0.01 --svt_threshold=0.001 \
       --svt_download_fractions=1,0.1 --svt_download_rule=most_updated
 
-(the commands behind the tables of ``docs_audit.md``).
+(the commands behind the privacy tables of README.md).
 
 Rows: ``centralized`` and ``standalone`` (``--privacy_baselines``), DSSGD at
 every θu of ``--privacy_upload_fractions`` without noise, and DSSGD with the sparse vector
