@@ -18,6 +18,9 @@ import pytest
 
 from dssgd_jax import experiment
 
+from cli_helpers import jit_env as _jit_env
+from cli_helpers import session_dir as _session_dir
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BASE = ["--dataset=digits", "--model=digits_mlp", "--num_participants=4",
@@ -76,26 +79,6 @@ def _snapshot(path):
       with open(p, "rb") as f:
         out[os.path.relpath(p, path)] = hashlib.sha256(f.read()).hexdigest()
   return out
-
-
-def _session_dir(tmp_path_factory, name):
-  """A directory shared by all pytest-xdist workers of this test session."""
-  base = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    base = base.parent
-  path = base / name
-  path.mkdir(exist_ok=True)
-  return path
-
-
-def _jit_env(tmp_path_factory):
-  """Subprocess environment with a persistent compilation cache shared by
-  this session's CLI tests (identical tiny runs compile once)."""
-  return dict(os.environ, JAX_PLATFORMS="cpu",
-              JAX_COMPILATION_CACHE_DIR=str(
-                  _session_dir(tmp_path_factory, "dssgd_jit_cache")),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -12,6 +12,9 @@ from dssgd_jax import config as config_lib
 from dssgd_jax import reproduce
 from dssgd_jax.errors import ConfigError
 
+from cli_helpers import jit_env as _jit_env
+from cli_helpers import session_dir as _session_dir
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -21,26 +24,6 @@ ARGS = ["--flagfile=configs/quickstart.cfg", "--epochs=3",
         "--upload_fractions=1,0.1,0.001", "--noprogress"]
 ROWS = ["centralized", "dssgd_1", "dssgd_0.1", "dssgd_0.001", "standalone",
         "fedavg"]
-
-
-def _session_dir(tmp_path_factory, name):
-  """A directory shared by all pytest-xdist workers of this test session."""
-  base = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    base = base.parent
-  path = base / name
-  path.mkdir(exist_ok=True)
-  return path
-
-
-def _jit_env(tmp_path_factory):
-  """Subprocess environment with a persistent compilation cache shared by
-  this session's CLI tests (identical tiny runs compile once)."""
-  return dict(os.environ, JAX_PLATFORMS="cpu",
-              JAX_COMPILATION_CACHE_DIR=str(
-                  _session_dir(tmp_path_factory, "dssgd_jit_cache")),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
 @pytest.fixture(scope="module")

@@ -19,32 +19,15 @@ import pytest
 from dssgd_jax import experiment
 from dssgd_jax import tb_events
 
+from cli_helpers import jit_env as _jit_env
+from cli_helpers import session_dir as _session_dir
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FLAGS = ["--dataset=digits", "--model=digits_mlp", "--num_participants=4",
          "--samples_per_participant=50", "--batch_size=10",
          "--learning_rate=0.1", "--upload_fraction=0.1", "--eval_examples=120",
          "--protocol=round_robin", "--epochs=4"]
-
-
-def _session_dir(tmp_path_factory, name):
-  """A directory shared by all pytest-xdist workers of this test session."""
-  base = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    base = base.parent
-  path = base / name
-  path.mkdir(exist_ok=True)
-  return path
-
-
-def _jit_env(tmp_path_factory):
-  """Subprocess environment with a persistent compilation cache shared by
-  this session's CLI tests (identical tiny runs compile once)."""
-  return dict(os.environ, JAX_PLATFORMS="cpu",
-              JAX_COMPILATION_CACHE_DIR=str(
-                  _session_dir(tmp_path_factory, "dssgd_jit_cache")),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
 @pytest.fixture(scope="module")
