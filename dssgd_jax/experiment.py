@@ -35,6 +35,7 @@ from dssgd_jax import evaluation
 from dssgd_jax import models as models_lib
 from dssgd_jax import participant as participant_lib
 from dssgd_jax import server as server_lib
+from dssgd_jax import sharding as sharding_lib
 from dssgd_jax.config import Config
 from dssgd_jax.errors import ConfigError, NonFiniteError
 
@@ -99,11 +100,13 @@ def setup(cfg: Config, dataset=None, parts=None) -> Experiment:
   images, labels = algorithms.participant_layout(
       cfg, dataset.train_images, dataset.train_labels, parts)
   num_models = images.shape[0]
+  place = sharding_lib.placement(cfg, num_models)  # participant axis
   local = jnp.tile(flat[None], (num_models, 1))
   state = {"server": server_lib.init(flat), "local": local}
   epoch = algorithms.epoch_function(cfg, model.apply, unravel, spec)
   if hasattr(epoch, "init_extra"):
     state["extra"] = epoch.init_extra(state)
+  state = place.put_state(state)
 
   def epoch_fn(st, imgs, labs, key):
     extra = st.get("extra")
@@ -134,10 +137,11 @@ def setup(cfg: Config, dataset=None, parts=None) -> Experiment:
     server_acc = float(np.asarray(server_eval(st["server"].params[None]))[0])
     return acc, server_acc
 
+  images, labels = place.put_data(images, labels)
   return Experiment(
       cfg=cfg, model=model, unravel=unravel, num_params=num_params, spec=spec,
-      epoch_fn=jax.jit(epoch_fn, donate_argnums=(0,)), init_state=state,
-      images=jnp.asarray(images), labels=jnp.asarray(labels),
+      epoch_fn=place.jit_epoch(epoch_fn), init_state=state,
+      images=images, labels=labels,
       evaluate=evaluate_all, test_images=test_x, test_labels=test_y,
       train_key=train_key)
 

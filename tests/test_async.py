@@ -1,5 +1,6 @@
 """The async protocol: reductions to parallel and standalone, determinism."""
 
+import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,12 +12,21 @@ from dssgd_jax import experiment
 
 _BASE = dict(dataset="digits", model="digits_mlp", num_participants=4,
              samples_per_participant=24, batch_size=8, learning_rate=0.1,
-             upload_fraction=0.3, epochs=3, eval_examples=100, progress=False,
+             upload_fraction=0.3, epochs=2, eval_examples=100, progress=False,
              seed=5)
 
 
-def _run(epochs=3, **kw):
+@functools.lru_cache(maxsize=None)
+def _cached(epochs, items):
+  return _run_uncached(epochs, **dict(items))
+
+
+def _run(epochs=2, **kw):
   """(state, stats, accuracies) after ``epochs`` epochs of a tiny run."""
+  return _cached(epochs, tuple(sorted(kw.items())))
+
+
+def _run_uncached(epochs, **kw):
   cfg = config_lib.validate(config_lib.Config(**{**_BASE, **kw}))
   exp = experiment.setup(cfg)
   state = exp.init_state
@@ -55,13 +65,9 @@ def test_async_with_every_upload_lost_is_standalone():
   assert int(jnp.sum(a_stats.downloaded)) == 0
 
 
-def test_async_stale_run_is_deterministic_and_differs_from_parallel():
-  kw = dict(protocol="async", max_staleness=2, staleness="geometric",
-            upload_loss=0.3)
-  a, stats_a, _ = _run(**kw)
-  b, _, _ = _run(**kw)
-  np.testing.assert_array_equal(a["local"], b["local"])
-  np.testing.assert_array_equal(a["extra"]["params"], b["extra"]["params"])
+def test_async_stale_run_differs_from_parallel():
+  a, stats_a, _ = _run(protocol="async", max_staleness=2,
+                       staleness="geometric", upload_loss=0.3)
   assert a["extra"]["params"].shape[0] == 3  # ring of max_staleness + 1
   np.testing.assert_array_equal(a["extra"]["params"][0], a["server"].params)
   p, _, _ = _run(protocol="parallel")
@@ -91,16 +97,16 @@ def test_staleness_draws_stay_in_range(dist):
     assert np.mean(np.asarray(s) == 0) > 0.4  # P(0) = 1/2
 
 
-def test_checkpoint_resume_with_async_extra_state(tmp_path):
+def test_resumed_async_run_is_deterministic(tmp_path):
+  # A run stopped after epoch 1 and resumed (ring buffer from the checkpoint)
+  # ends where an uninterrupted in-process run of the same seed ends.
+  kw = dict(protocol="async", max_staleness=1, staleness="uniform",
+            upload_loss=0.2)
+  _, _, acc = _run(**kw)
   cfg = config_lib.validate(config_lib.Config(
-      **{**_BASE, "protocol": "async", "max_staleness": 1,
-         "staleness": "uniform", "upload_loss": 0.2,
-         "workdir": str(tmp_path / "full")}))
-  full = experiment.run(cfg, log=lambda m: None)
-  part = cfg.replace(workdir=str(tmp_path / "part"), epochs=2)
-  experiment.run(part, log=lambda m: None)
-  resumed = experiment.run(part.replace(epochs=3), log=lambda m: None)
+      **{**_BASE, **kw, "workdir": str(tmp_path), "epochs": 1}))
+  experiment.run(cfg, log=lambda m: None)
+  resumed = experiment.run(cfg.replace(epochs=2), log=lambda m: None)
+  assert resumed["epochs"] == 2
   assert resumed["final_participant_accuracy_mean"] == pytest.approx(
-      full["final_participant_accuracy_mean"])
-  assert resumed["final_server_accuracy"] == pytest.approx(
-      full["final_server_accuracy"])
+      float(np.mean(acc)), abs=1e-6)

@@ -1,0 +1,155 @@
+"""The participant axis sharded over devices gives the one-device metrics.
+
+XLA_FLAGS must be set before JAX starts, so the sharded runs happen in
+subprocesses: one with 8 forced CPU devices, and a two-process multi-host
+run on localhost (jax.distributed with gloo collectives on CPU).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from dssgd_jax import config as config_lib
+from dssgd_jax import experiment
+from dssgd_jax import sharding
+from dssgd_jax.errors import ConfigError
+
+_RUNS = {
+    "parallel_cnn": dict(model="digits_cnn", protocol="parallel"),
+    "async_mlp": dict(model="digits_mlp", protocol="async", max_staleness=1,
+                      staleness="uniform", upload_loss=0.25),
+}
+_COMMON = dict(dataset="digits", num_participants=8, samples_per_participant=16,
+               batch_size=8, learning_rate=0.1, upload_fraction=0.2, epochs=2,
+               eval_examples=100, progress=False, seed=1)
+
+_WORKER = r"""
+import json, sys
+import jax, numpy as np
+from dssgd_jax import config as config_lib, experiment
+runs = json.loads(sys.argv[1]); common = json.loads(sys.argv[2])
+out = {"devices": jax.device_count()}
+for name, kw in runs.items():
+  cfg = config_lib.validate(config_lib.Config(**{**common, **kw}))
+  exp = experiment.setup(cfg)
+  st = exp.init_state
+  for e in range(1, cfg.epochs + 1):
+    st, stats = exp.epoch_fn(st, exp.images, exp.labels,
+                             jax.random.fold_in(exp.train_key, e))
+  acc, server_acc = exp.evaluate(st)
+  out[name] = {"acc": np.asarray(acc).tolist(), "server": server_acc,
+               "loss": np.asarray(stats.loss).tolist(),
+               "uploaded": np.asarray(stats.uploaded).tolist(),
+               "local": np.asarray(st["local"]).sum(axis=1).tolist(),
+               "spec": str(getattr(exp.images, "sharding", ""))}
+print(json.dumps(out))
+"""
+
+
+def _env(devices):
+  env = dict(os.environ)
+  env["JAX_PLATFORMS"] = "cpu"
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                      f" --xla_force_host_platform_device_count={devices}")
+  return env
+
+
+def _reference(kw):
+  cfg = config_lib.validate(config_lib.Config(**{**_COMMON, **kw,
+                                                 "mesh_shape": 1}))
+  exp = experiment.setup(cfg)
+  st = exp.init_state
+  for e in range(1, cfg.epochs + 1):
+    st, stats = exp.epoch_fn(st, exp.images, exp.labels,
+                             jax.random.fold_in(exp.train_key, e))
+  acc, server_acc = exp.evaluate(st)
+  return {"acc": np.asarray(acc), "server": server_acc,
+          "loss": np.asarray(stats.loss), "uploaded": np.asarray(stats.uploaded),
+          "local": np.asarray(st["local"]).sum(axis=1)}
+
+
+def test_eight_devices_match_one_device():
+  proc = subprocess.run(
+      [sys.executable, "-c", _WORKER, json.dumps(_RUNS), json.dumps(_COMMON)],
+      env=_env(8), capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert got["devices"] == 8
+  for name, kw in _RUNS.items():
+    ref = _reference(kw)
+    g = got[name]
+    assert "participants" in g["spec"], g["spec"]  # really sharded
+    np.testing.assert_allclose(g["acc"], ref["acc"], atol=1e-6)
+    if ref["server"] is not None:
+      assert g["server"] == pytest.approx(ref["server"], abs=1e-6)
+    np.testing.assert_allclose(g["loss"], ref["loss"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(g["uploaded"], ref["uploaded"])
+    np.testing.assert_allclose(g["local"], ref["local"], rtol=1e-4, atol=1e-4)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_on_localhost_match_one_process(tmp_path):
+  flags = ["--dataset=digits", "--model=digits_mlp", "--num_participants=8",
+           "--samples_per_participant=16", "--batch_size=8",
+           "--learning_rate=0.1", "--upload_fraction=0.2", "--epochs=2",
+           "--eval_examples=100", "--seed=1", "--protocol=parallel",
+           "--noprogress"]
+  port = _free_port()
+  procs = []
+  for pid in range(2):
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "dssgd_jax.main", *flags,
+         f"--workdir={tmp_path / f'p{pid}'}",
+         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+         f"--process_id={pid}"],
+        env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True))
+  for p in procs:
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+  single = config_lib.validate(config_lib.Config(
+      **{**_COMMON, "model": "digits_mlp", "protocol": "parallel",
+         "workdir": str(tmp_path / "single")}))
+  experiment.run(single, log=lambda m: None)
+
+  def metrics(d):
+    rows = [json.loads(l) for l in (tmp_path / d / "metrics.jsonl").open()]
+    for r in rows:
+      for k in experiment.TIMING_FIELDS:
+        r.pop(k, None)
+    return rows
+
+  ref = metrics("single")
+  for d in ("p0", "p1"):
+    got = metrics(d)
+    assert len(got) == len(ref)
+    for a, b in zip(got, ref):
+      assert a.keys() == b.keys()
+      for k in a:
+        if isinstance(b[k], float):
+          assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
+        else:
+          assert a[k] == b[k], k
+
+
+def test_mesh_size():
+  assert sharding.mesh_size(30, 0, 8) == 6
+  assert sharding.mesh_size(32, 0, 8) == 8
+  assert sharding.mesh_size(7, 0, 8) == 7
+  assert sharding.mesh_size(1, 0, 8) == 1
+  assert sharding.mesh_size(30, 5, 8) == 5
+  with pytest.raises(ConfigError):
+    sharding.mesh_size(30, 4, 8)
+  with pytest.raises(ConfigError):
+    sharding.mesh_size(32, 16, 8)
