@@ -13,7 +13,7 @@ some exchanges. One epoch of :func:`make_async_epoch`:
    global parameters and their update counters) are kept in a ring buffer,
    which is the epoch function's extra, checkpointed state; before the first
    epoch every slot holds the initial server.
-3. All participants train at the same time (``vmap`` over the participant
+3. All participants train at the same time (the participant axis of
    axis, exactly as :func:`dssgd_jax.protocols.parallel_epoch`) and select,
    bound and noise their uploads.
 4. The uploads are added to the *current* server state. A participant whose
@@ -129,12 +129,15 @@ def make_async_epoch(update: Callable, spec: protocols.ExchangeSpec, cfg: Any
     masks = _snapshot_masks(spec, ring_params, ring_stat, staleness, dl_keys)
     masks = masks & ~lost[:, None]
     if max_s == 0:
-      new_local, uploads, losses = jax.vmap(
-          update, in_axes=(None, 0, 0, 0, 0, 0))(server.params, masks, local,
-                                                 images, labels, up_keys)
+      new_local, uploads, losses = protocols.map_participants(
+          update, (None, 0, 0, 0, 0, 0),
+          (server.params, masks, local, images, labels, up_keys),
+          spec.participant_axis, spec.mesh)
     else:
-      new_local, uploads, losses = jax.vmap(update)(
-          ring_params[staleness], masks, local, images, labels, up_keys)
+      new_local, uploads, losses = protocols.map_participants(
+          update, (0,) * 6,
+          (ring_params[staleness], masks, local, images, labels, up_keys),
+          spec.participant_axis, spec.mesh)
     uploads = Upload(uploads.indices, uploads.values,
                      uploads.mask & ~lost[:, None])
     server = server_lib.apply_uploads(server, uploads)

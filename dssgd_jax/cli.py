@@ -6,6 +6,7 @@ traceback.
 """
 
 import contextlib
+import os
 import sys
 
 from absl import flags
@@ -47,8 +48,23 @@ def user_errors():
     fail(str(e))
 
 
+def force_cpu_devices(n: int) -> None:
+  """Makes XLA:CPU expose ``n`` devices (before JAX's backends start).
+
+  Appends ``--xla_force_host_platform_device_count=n`` to ``XLA_FLAGS``
+  unless that flag is already there; a no-op for ``n <= 1``.
+  """
+  flags = os.environ.get("XLA_FLAGS", "")
+  if n > 1 and "xla_force_host_platform_device_count" not in flags:
+    os.environ["XLA_FLAGS"] = (
+        f"{flags} --xla_force_host_platform_device_count={n}").strip()
+
+
 def setup_devices(cfg) -> None:
-  """Initializes multi-host JAX when --coordinator_address is given."""
+  """Applies --cpu_devices and initializes multi-host JAX when
+  --coordinator_address is given."""
+  if getattr(cfg, "cpu_devices", 0):
+    force_cpu_devices(int(cfg.cpu_devices))
   if cfg.coordinator_address:
     import jax  # pylint: disable=g-import-not-at-top
     jax.distributed.initialize(coordinator_address=cfg.coordinator_address,

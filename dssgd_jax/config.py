@@ -30,6 +30,7 @@ SELECTIONS = ("largest", "threshold", "random", "largest_approx")
 NOISES = ("none", "laplace", "gaussian", "svt")
 DOWNLOAD_RULES = ("all", "most_updated", "random")
 CONV_IMPLS = ("auto", "im2col", "xla")
+PARTICIPANT_AXES = ("auto", "vmap", "map")
 STALENESS = ("constant", "uniform", "geometric")
 
 # Training examples of each dataset (SVHN: train split; with
@@ -72,6 +73,7 @@ class Config:
   # Model and training.
   model: str | None = None
   conv_impl: str = "auto"
+  participant_axis: str = "auto"
   algorithm: str = "dssgd"
   protocol: str = "round_robin"
   num_participants: int = 30          # N
@@ -105,6 +107,7 @@ class Config:
   progress: bool = True
   # Devices.
   mesh_shape: int = 0
+  cpu_devices: int = 0
   coordinator_address: str | None = None
   num_processes: int = 1
   process_id: int = 0
@@ -159,6 +162,7 @@ def validate(cfg: Config) -> Config:
   _choice(cfg, "noise", NOISES)
   _choice(cfg, "download_rule", DOWNLOAD_RULES)
   _choice(cfg, "conv_impl", CONV_IMPLS)
+  _choice(cfg, "participant_axis", PARTICIPANT_AXES)
   _choice(cfg, "staleness", STALENESS)
   if cfg.model is None:
     cfg = cfg.replace(model=DEFAULT_MODEL[cfg.dataset])
@@ -171,11 +175,11 @@ def validate(cfg: Config) -> Config:
                "svhn_test_examples", "num_processes", "delta"):
     _positive(cfg, name)
   for name in ("threshold", "noise_scale", "eval_examples", "max_staleness",
-               "mesh_shape", "process_id"):
+               "mesh_shape", "process_id", "cpu_devices"):
     _positive(cfg, name, allow_zero=True)
   for name in ("batch_size", "num_participants", "samples_per_participant",
                "epochs", "eval_every", "checkpoint_every", "decay_every",
-               "eval_examples", "max_staleness", "mesh_shape"):
+               "eval_examples", "max_staleness", "mesh_shape", "cpu_devices"):
     if int(getattr(cfg, name)) != getattr(cfg, name):
       raise ConfigError(f"--{name}={getattr(cfg, name)} must be an integer.")
   if not 0.0 < cfg.stat_decay <= 1.0:
@@ -263,6 +267,11 @@ def define_flags():
                   "the dataset's model).")
   f.DEFINE_string("conv_impl", d.conv_impl, "Convolution lowering: im2col "
                   "(fast with a participant axis), xla, or auto.")
+  f.DEFINE_string("participant_axis", d.participant_axis, "How the "
+                  "participants of the parallel/async protocols are computed: "
+                  "vmap (batched; GPU/TPU), map (lax.map, one after another "
+                  "in one program; faster on CPU) or auto (map on CPU, else "
+                  "vmap).")
   f.DEFINE_string("algorithm", d.algorithm, f"One of {', '.join(ALGORITHMS)}.")
   f.DEFINE_string("protocol", d.protocol, f"One of {', '.join(PROTOCOLS)}.")
   f.DEFINE_integer("num_participants", d.num_participants, "N, participants.")
@@ -311,6 +320,10 @@ def define_flags():
   f.DEFINE_integer("mesh_shape", d.mesh_shape, "Devices to shard the "
                    "participant axis over (0 = all local devices that divide "
                    "it).")
+  f.DEFINE_integer("cpu_devices", d.cpu_devices, "Split the host CPU into "
+                   "this many XLA devices (one per core is fastest on a "
+                   "CPU-only machine: the participant axis is then sharded "
+                   "over cores); 0 = JAX's default of one.")
   f.DEFINE_string("coordinator_address", d.coordinator_address, "host:port "
                   "of process 0 for multi-host runs (jax.distributed).")
   f.DEFINE_integer("num_processes", d.num_processes, "Processes in a "

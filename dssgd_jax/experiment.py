@@ -46,7 +46,7 @@ SUMMARY = "summary.json"
 
 # Config fields that may change between a run and its resumption.
 _RESUMABLE_CHANGES = ("epochs", "progress", "checkpoint_every", "eval_every",
-                      "workdir", "mesh_shape", "coordinator_address",
+                      "workdir", "mesh_shape", "cpu_devices", "coordinator_address",
                       "num_processes", "process_id")
 
 # Metric fields that measure time and so differ between identical runs.
@@ -71,10 +71,46 @@ class Experiment:
   train_key: jax.Array
 
 
-def resolve_conv_impl(cfg: Config) -> str:
-  if cfg.conv_impl != "auto":
-    return cfg.conv_impl
-  return "im2col"
+def resolve_conv_impl(cfg: Config | None) -> str:
+  """The convolution lowering for ``--conv_impl=auto``, per backend.
+
+  CPU: ``im2col`` — XLA:CPU's own convolution is about 13x slower here.
+  GPU: ``im2col`` — batched GEMMs, 1.4-3.7x the speed of cuDNN's grouped
+  convolutions under ``vmap`` on an H100. TPU: ``xla`` (grouped convolutions
+  map onto the MXU natively; not measured). Numbers in BENCHMARKS.md.
+  """
+  impl = "auto" if cfg is None else cfg.conv_impl
+  if impl != "auto":
+    return impl
+  return "xla" if jax.default_backend() == "tpu" else "im2col"
+
+
+# Models for which ``lax.map`` beats ``vmap`` on XLA:CPU (BENCHMARKS.md): the
+# 5x5 convolutions on 32x32 images, where one participant's step is big
+# enough to use the cores; on the small models ``vmap``'s batching wins.
+CPU_MAP_MODELS = ("mnist_cnn", "svhn_cnn")
+
+
+def resolve_participant_axis(cfg: Config | None, model: str | None = None
+                             ) -> str:
+  """The participant-axis lowering for ``--participant_axis=auto``.
+
+  CPU: ``map`` (``lax.map``) for the 32x32 CNNs of :data:`CPU_MAP_MODELS`
+  (1.1-1.4x the speed of ``vmap``), ``vmap`` for the MLPs and the digits CNN
+  (1.2-3.5x the speed of ``map``). GPU and TPU: ``vmap`` (one batched
+  program keeps the accelerator busy at batch 1). Numbers in BENCHMARKS.md.
+
+  >>> resolve_participant_axis(None, "mnist_mlp")
+  'vmap'
+  """
+  axis = "auto" if cfg is None else cfg.participant_axis
+  if axis != "auto":
+    return axis
+  if model is None and cfg is not None:
+    model = cfg.model
+  if jax.default_backend() == "cpu" and model in CPU_MAP_MODELS:
+    return "map"
+  return "vmap"
 
 
 def setup(cfg: Config, dataset=None, parts=None) -> Experiment:
@@ -101,6 +137,9 @@ def setup(cfg: Config, dataset=None, parts=None) -> Experiment:
       cfg, dataset.train_images, dataset.train_labels, parts)
   num_models = images.shape[0]
   place = sharding_lib.placement(cfg, num_models)  # participant axis
+  axis = resolve_participant_axis(cfg)
+  spec = dataclasses.replace(spec, participant_axis=axis, mesh=(
+      place.mesh if axis == "map" else None))
   local = jnp.tile(flat[None], (num_models, 1))
   state = {"server": server_lib.init(flat), "local": local}
   epoch = algorithms.epoch_function(cfg, model.apply, unravel, spec)
@@ -337,6 +376,13 @@ def run(cfg: Config, dataset=None, parts=None, log=None) -> dict:
   _write_lines(metrics_path, rows)
 
   num_models = int(exp.images.shape[0])
+  if cfg.progress and start < cfg.epochs:
+    mesh = exp.spec.mesh
+    log(f"[{cfg.algorithm}] {num_models} model(s) x {exp.num_params:,} "
+        f"parameters, protocol {cfg.protocol}, participant axis "
+        f"{exp.spec.participant_axis}, {jax.device_count()} "
+        f"{jax.default_backend()} device(s)"
+        + ("" if mesh is None else f" (participants split over {mesh.size})"))
   elapsed = rows[-1]["elapsed_s"] if rows else 0.0
   tb = _tensorboard_writer(workdir)
   epoch_times = []

@@ -153,3 +153,24 @@ def test_mesh_size():
     sharding.mesh_size(30, 4, 8)
   with pytest.raises(ConfigError):
     sharding.mesh_size(32, 16, 8)
+
+
+def test_cpu_devices_flag_sets_xla_flags_once(monkeypatch):
+  from dssgd_jax import cli  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+  cli.force_cpu_devices(4)
+  assert os.environ["XLA_FLAGS"] == (
+      "--xla_cpu_enable_fast_math=false "
+      "--xla_force_host_platform_device_count=4")
+  cli.force_cpu_devices(2)  # an explicit device count is never overridden
+  assert os.environ["XLA_FLAGS"].count("device_count") == 1
+  monkeypatch.delenv("XLA_FLAGS")
+  cli.force_cpu_devices(1)
+  assert "XLA_FLAGS" not in os.environ
+
+
+@pytest.mark.parametrize("flag, value", [("participant_axis", "pmap"),
+                                         ("cpu_devices", -1)])
+def test_bad_device_flags_are_config_errors(flag, value):
+  with pytest.raises(ConfigError, match=f"--{flag}"):
+    config_lib.validate(config_lib.Config(**{flag: value}))

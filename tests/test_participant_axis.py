@@ -1,0 +1,115 @@
+"""The fast participant axis computes what a per-participant loop computes.
+
+The fast path is what ``protocols.parallel_epoch`` runs:
+``protocols.map_participants`` over participants of the local epoch, in both
+lowerings (``vmap``; ``map``, the CPU default), with the models' fast layers
+(im2col convolutions, reshape max-pooling). The straightforward reference trains each
+participant alone in a Python loop with ``lax.conv_general_dilated`` and
+``flax.linen.max_pool``.
+"""
+
+from unittest import mock
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dssgd_jax import models
+from dssgd_jax import participant
+from dssgd_jax import protocols
+from dssgd_jax import server as server_lib
+
+P, N, BATCH, LR = 3, 4, 2, 0.1
+
+
+def _flax_pool(x, size, stride):
+  return nn.max_pool(x, (size, size), strides=(stride, stride),
+                     padding="VALID")
+
+
+def _data(shape, seed=0):
+  kx, ky = jax.random.split(jax.random.key(seed))
+  x = jax.random.normal(kx, (P, N) + tuple(shape))
+  y = jax.random.randint(ky, (P, N), 0, 10)
+  return x, y
+
+
+@pytest.mark.parametrize("lowering", protocols.PARTICIPANT_AXES)
+@pytest.mark.parametrize("name", models.MODELS)
+def test_participant_axis_matches_a_per_participant_loop(name, lowering):
+  with jax.default_matmul_precision("highest"):  # no TF32 on GPUs
+    _check_participant_axis(name, lowering)
+
+
+def _check_participant_axis(name, lowering):
+  shape = models.INPUT_SHAPES[name]
+  fast = models.get_model(name, conv_impl="im2col")
+  params = models.init_params(fast, shape, jax.random.key(1))
+  flat, unravel = participant.flatten_params(params)
+  # Different starting points per participant, as after a few epochs.
+  local = flat[None] + 0.01 * jax.random.normal(jax.random.key(2),
+                                                (P,) + flat.shape)
+  x, y = _data(shape)
+  keys = jax.random.split(jax.random.key(3), P)
+
+  epoch = participant.make_local_epoch(fast.apply, unravel, BATCH)
+  got, got_loss = jax.jit(lambda *a: protocols.map_participants(
+      epoch, (0, 0, 0, 0, None), a, lowering))(local, x, y, keys, LR)
+
+  plain = models.get_model(name, conv_impl="xla")
+  with mock.patch.object(models, "_pool", _flax_pool):
+    ref_epoch = jax.jit(participant.make_local_epoch(plain.apply, unravel,
+                                                     BATCH))
+    want = [ref_epoch(local[i], x[i], y[i], keys[i], LR) for i in range(P)]
+  want_flat = np.stack([np.asarray(w[0]) for w in want])
+  assert not np.allclose(want_flat, np.asarray(local))  # it did train
+  np.testing.assert_allclose(got, want_flat, rtol=1e-4, atol=2e-6)
+  np.testing.assert_allclose(got_loss, [float(w[1]) for w in want],
+                             rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("lowering", protocols.PARTICIPANT_AXES)
+def test_parallel_epoch_matches_participants_one_by_one(lowering):
+  # The whole exchange (download, train, select, upload, server update).
+  shape = models.INPUT_SHAPES["digits_cnn"]
+  model = models.get_model("digits_cnn")
+  flat, unravel = participant.flatten_params(
+      models.init_params(model, shape, jax.random.key(1)))
+  d = flat.shape[0]
+  spec = protocols.ExchangeSpec(learning_rate=LR, batch_size=BATCH,
+                                upload_count=d // 10, download_count=d,
+                                selection="largest",
+                                participant_axis=lowering)
+  update = protocols.make_participant_update(model.apply, unravel, spec)
+  x, y = _data(shape)
+  local = jnp.tile(flat[None], (P, 1))
+  srv = server_lib.init(flat)
+  key = jax.random.key(4)
+  fast_srv, fast_local, stats = jax.jit(
+      lambda s, l, k: protocols.parallel_epoch(update, spec, s, l, x, y, k))(
+          srv, local, key)
+
+  single = jax.jit(update)
+  keys = protocols.participant_keys(key, P)
+  ref_local, ups = [], []
+  for i in range(P):
+    k_up = jax.random.split(keys[i])[1]
+    new, up, _ = single(srv.params, jnp.ones((d,), bool), local[i], x[i],
+                        y[i], k_up)
+    ref_local.append(new)
+    ups.append(up)
+  ref_srv = srv
+  for up in ups:
+    ref_srv = server_lib.apply_uploads(ref_srv, up)
+  np.testing.assert_allclose(fast_local, np.stack(ref_local), rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_allclose(fast_srv.params, ref_srv.params, rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_array_equal(stats.uploaded, [d // 10] * P)
+
+
+def test_map_participants_rejects_unknown_lowering():
+  with pytest.raises(ValueError, match="participant_axis"):
+    protocols.map_participants(lambda x: x, (0,), (jnp.ones(2),), "pmap")
