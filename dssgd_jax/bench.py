@@ -3,7 +3,7 @@ r"""Speed of one DSSGD epoch: the participant axis against loops, and the rest.
 Usage::
 
   python -m dssgd_jax.bench            # full run (about 10-15 minutes on 2 cores)
-  python -m dssgd_jax.bench --quick    # a minute or two
+  python -m dssgd_jax.bench --quick    # about 3 minutes on 2 CPU cores
   python -m dssgd_jax.bench --models=svhn_cnn --batch_sizes=32
 
 Prints human-readable tables and, as its LAST line, one JSON object. Measured
@@ -570,22 +570,28 @@ def run_bench(args) -> dict:
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--quick", action="store_true",
-                 help="small epochs and few repeats (a minute or two)")
-  p.add_argument("--models", default="svhn_cnn,mnist_cnn")
-  p.add_argument("--batch_sizes", default="32,1")
-  p.add_argument("--participants", type=int, default=30)
+                 help="small epochs and few repeats (about 3 minutes on 2 cores)")
+  p.add_argument("--models", default="svhn_cnn,mnist_cnn",
+                 help="comma-separated models (the headline ratios use "
+                 "svhn_cnn, else the first)")
+  p.add_argument("--batch_sizes", default="32,1",
+                 help="comma-separated local minibatch sizes")
+  p.add_argument("--participants", type=int, default=30,
+                 help="participants per epoch")
   p.add_argument("--samples", type=int, default=None,
                  help="samples per participant at batch > 1")
   p.add_argument("--samples_b1", type=int, default=None,
                  help="samples per participant at batch 1")
-  p.add_argument("--repeats", type=int, default=None)
+  p.add_argument("--repeats", type=int, default=None,
+                 help="timed rounds, median taken (default 5; --quick 3)")
   p.add_argument("--conv_impl", default="auto",
                  choices=("auto", "im2col", "xla"))
   p.add_argument("--participant_axis", default="auto",
                  choices=("auto", "vmap", "map"),
                  help="lowering of the 'axis' column (the other one is timed "
                  "too, as axis_vmap or axis_map)")
-  p.add_argument("--no_torch", action="store_true")
+  p.add_argument("--no_torch", action="store_true",
+                 help="skip the PyTorch loop even if PyTorch is installed")
   p.add_argument("--cpu_devices", type=int, default=os.cpu_count() or 1,
                  help="also time the participant axis sharded over this many "
                  "XLA:CPU devices (sets XLA_FLAGS=--xla_force_host_platform_"
@@ -593,7 +599,19 @@ def parse_args(argv=None):
   p.add_argument("--json_out", default=None, help="also write the JSON here")
   args = p.parse_args(argv)
   args.models = [m for m in args.models.split(",") if m]
-  args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
+  unknown = [m for m in args.models if m not in models_lib.MODELS]
+  if unknown or not args.models:
+    p.error(f"--models={','.join(args.models)}: each must be one of "
+            f"{', '.join(models_lib.MODELS)}")
+  try:
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
+  except ValueError:
+    p.error(f"--batch_sizes={args.batch_sizes} must be comma-separated "
+            "integers")
+  if not args.batch_sizes or min(args.batch_sizes) < 1:
+    p.error("--batch_sizes must be positive integers")
+  if args.participants < 1:
+    p.error("--participants must be at least 1")
   if args.samples is None:
     args.samples = 64 if args.quick else 256
   if args.samples_b1 is None:
