@@ -154,11 +154,7 @@ class Workload:
     t0 = time.perf_counter()
     compiled = fn.lower(srv, loc, images, labels, self.next_key()).compile()
     compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    mem_bytes = None
-    if mem is not None:
-      mem_bytes = int(mem.temp_size_in_bytes + mem.argument_size_in_bytes +
-                      mem.output_size_in_bytes - mem.alias_size_in_bytes)
+    mem_bytes = compiled_peak_bytes(compiled)
     state = {"srv": srv, "loc": loc}
 
     def run():
@@ -174,25 +170,41 @@ class Workload:
     first_s = time.perf_counter() - t0
     return run, compile_s, first_s, mem_bytes
 
-  def _finish_jits(self):
-    spec, d = self.spec, self.d
-    make_up = jax.jit(lambda delta, k: protocols.make_upload(spec, delta, k))
+  def _loop_runner(self, participant_upload: Callable) -> Callable:
+    """run() -> seconds of an epoch driven by a Python loop over participants.
+
+    ``participant_upload(i, server_params, key) -> Upload`` does participant
+    i's part; the uploads are then stacked and applied by jitted functions.
+    """
     apply = jax.jit(lambda srv, ups: server_lib.end_epoch(
         server_lib.apply_uploads(srv, ups)))
     stack = jax.jit(lambda *ups: jax.tree_util.tree_map(
         lambda *a: jnp.stack(a), *ups))
-    del d
-    return make_up, apply, stack
+    srv = {"s": server_lib.init(self.flat)}
+
+    def run():
+      t = time.perf_counter()
+      server = srv["s"]
+      keys = protocols.participant_keys(self.next_key(), self.num)
+      ups = [participant_upload(i, server.params, keys[i])
+             for i in range(self.num)]
+      server = apply(server, stack(*ups))
+      _block(server.params)
+      srv["s"] = server
+      return time.perf_counter() - t
+
+    run()  # compiles
+    return run
 
   # -- FedJAX-style: Python loop over participants and minibatches.
   def build_loop(self):
     apply_fn, unravel, batch = self.model.apply, self.unravel, self.batch
-    lr = self.spec.learning_rate
+    spec = self.spec
 
     @jax.jit
     def step(params, x, y, idx, mask):
       return participant_lib.sgd_step(apply_fn, params, x[idx], y[idx], mask,
-                                      lr)
+                                      spec.learning_rate)
 
     @jax.jit
     def start(flat, key):
@@ -200,58 +212,29 @@ class Workload:
           self.samples, batch, key)
 
     @jax.jit
-    def delta_of(params, flat):
-      return ravel_pytree(params)[0] - flat
+    def upload(params, flat, key):
+      return protocols.make_upload(spec, ravel_pytree(params)[0] - flat, key)
 
-    make_up, apply, stack = self._finish_jits()
-    srv = {"s": server_lib.init(self.flat)}
+    def participant_upload(i, server_params, key):
+      k_train, k_up = jax.random.split(key)
+      params, (idx, mask) = start(server_params, k_train)
+      for s in range(idx.shape[0]):
+        params, _ = step(params, self.images[i], self.labels[i], idx[s],
+                         mask[s])
+      return upload(params, server_params, k_up)
 
-    def run():
-      t = time.perf_counter()
-      key = self.next_key()
-      server = srv["s"]
-      keys = protocols.participant_keys(key, self.num)
-      ups = []
-      for i in range(self.num):
-        k_train, k_up = jax.random.split(keys[i])
-        params, (idx, mask) = start(server.params, k_train)
-        for s in range(idx.shape[0]):
-          params, _ = step(params, self.images[i], self.labels[i], idx[s],
-                           mask[s])
-        ups.append(make_up(delta_of(params, server.params), k_up))
-      server = apply(server, stack(*ups))
-      _block(server.params)
-      srv["s"] = server
-      return time.perf_counter() - t
-
-    run()
-    return run
+    return self._loop_runner(participant_upload)
 
   # -- a Python loop over participants of a jitted local epoch (lax.scan).
   def build_epoch_loop(self):
     update = jax.jit(self.update)
-    make_up, apply, stack = self._finish_jits()
-    del make_up
-    srv = {"s": server_lib.init(self.flat)}
     ones = jnp.ones((self.d,), bool)
 
-    def run():
-      t = time.perf_counter()
-      key = self.next_key()
-      server = srv["s"]
-      keys = protocols.participant_keys(key, self.num)
-      ups = []
-      for i in range(self.num):
-        _, up, _ = update(server.params, ones, server.params, self.images[i],
-                          self.labels[i], keys[i])
-        ups.append(up)
-      server = apply(server, stack(*ups))
-      _block(server.params)
-      srv["s"] = server
-      return time.perf_counter() - t
+    def participant_upload(i, server_params, key):
+      return update(server_params, ones, server_params, self.images[i],
+                    self.labels[i], key)[1]
 
-    run()
-    return run
+    return self._loop_runner(participant_upload)
 
   def build_torch(self, torch_loop):
     """PyTorch loop; picks the faster of 1 thread and PyTorch's default."""
@@ -279,6 +262,16 @@ class Workload:
         torch.set_num_threads(default)
 
     return run, best
+
+
+def compiled_peak_bytes(compiled) -> int | None:
+  """XLA's peak memory of a compiled program: arguments + outputs +
+  temporaries - donated (aliased) buffers; None where not reported."""
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return None
+  return int(mem.temp_size_in_bytes + mem.argument_size_in_bytes +
+             mem.output_size_in_bytes - mem.alias_size_in_bytes)
 
 
 def training_flops_per_example(model_name: str, batch: int = 32) -> float:

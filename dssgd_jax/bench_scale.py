@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dssgd_jax import bench
 from dssgd_jax import models as models_lib
 from dssgd_jax import participant as participant_lib
 from dssgd_jax import protocols
@@ -57,11 +58,7 @@ def epoch_runner(model_name: str, num: int, samples: int, batch: int,
   compiled = fn.lower(state["s"], state["l"], images, labels,
                       jax.random.key(0)).compile()
   compile_s = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
-  peak = None
-  if mem is not None:
-    peak = int(mem.temp_size_in_bytes + mem.argument_size_in_bytes +
-               mem.output_size_in_bytes - mem.alias_size_in_bytes)
+  peak = bench.compiled_peak_bytes(compiled)
 
   def run():
     state["e"] += 1
