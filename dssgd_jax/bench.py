@@ -560,6 +560,15 @@ def run_bench(args) -> dict:
   return out
 
 
+def _accelerator_plugin() -> bool:
+  """Whether a GPU or TPU backend for JAX is installed (checked without
+  starting JAX's backends, so that ``XLA_FLAGS`` can still be set)."""
+  from importlib import metadata, util  # pylint: disable=g-import-not-at-top
+  if any(True for _ in metadata.entry_points(group="jax_plugins")):
+    return True
+  return any(util.find_spec(m) is not None for m in ("jax_plugins", "libtpu"))
+
+
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--quick", action="store_true",
@@ -585,10 +594,11 @@ def parse_args(argv=None):
                  "too, as axis_vmap or axis_map)")
   p.add_argument("--no_torch", action="store_true",
                  help="skip the PyTorch loop even if PyTorch is installed")
-  p.add_argument("--cpu_devices", type=int, default=os.cpu_count() or 1,
+  p.add_argument("--cpu_devices", type=int, default=None,
                  help="also time the participant axis sharded over this many "
                  "XLA:CPU devices (sets XLA_FLAGS=--xla_force_host_platform_"
-                 "device_count; 0 or 1: one device only)")
+                 "device_count; 0 or 1: one device only; default: one per "
+                 "core, unless a GPU/TPU plugin for JAX is installed)")
   p.add_argument("--json_out", default=None, help="also write the JSON here")
   args = p.parse_args(argv)
   args.models = [m for m in args.models.split(",") if m]
@@ -609,6 +619,8 @@ def parse_args(argv=None):
     args.samples = 64 if args.quick else 256
   if args.samples_b1 is None:
     args.samples_b1 = 8 if args.quick else 32
+  if args.cpu_devices is None:
+    args.cpu_devices = 0 if _accelerator_plugin() else (os.cpu_count() or 1)
   if args.repeats is None:
     args.repeats = 3 if args.quick else 5
   return args

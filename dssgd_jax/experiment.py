@@ -75,7 +75,7 @@ def resolve_conv_impl(cfg: Config | None) -> str:
   """The convolution lowering for ``--conv_impl=auto``, per backend.
 
   CPU: ``im2col`` — XLA:CPU's own convolution is about 13x slower here.
-  GPU: ``im2col`` — batched GEMMs, 1.4-3.7x the speed of cuDNN's grouped
+  GPU: ``im2col`` — batched GEMMs, 1.3-4.5x the speed of cuDNN's grouped
   convolutions under ``vmap`` on an H100. TPU: ``xla`` (grouped convolutions
   map onto the MXU natively; not measured). Numbers in BENCHMARKS.md.
   """
