@@ -13,8 +13,8 @@ some exchanges. One epoch of :func:`make_async_epoch`:
    global parameters and their update counters) are kept in a ring buffer,
    which is the epoch function's extra, checkpointed state; before the first
    epoch every slot holds the initial server.
-3. All participants train at the same time (the participant axis of
-   axis, exactly as :func:`dssgd_jax.protocols.parallel_epoch`) and select,
+3. All participants train at the same time (over the participant axis,
+   exactly as :func:`dssgd_jax.protocols.parallel_epoch`) and select,
    bound and noise their uploads.
 4. The uploads are added to the *current* server state. A participant whose
    exchange is lost in this epoch neither downloads (it keeps training from

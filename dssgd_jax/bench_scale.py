@@ -24,7 +24,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dssgd_jax import bench
 from dssgd_jax import models as models_lib

@@ -46,8 +46,8 @@ SUMMARY = "summary.json"
 
 # Config fields that may change between a run and its resumption.
 _RESUMABLE_CHANGES = ("epochs", "progress", "checkpoint_every", "eval_every",
-                      "workdir", "mesh_shape", "cpu_devices", "coordinator_address",
-                      "num_processes", "process_id")
+                      "workdir", "mesh_shape", "cpu_devices",
+                      "coordinator_address", "num_processes", "process_id")
 
 # Metric fields that measure time and so differ between identical runs.
 TIMING_FIELDS = ("wall_time_s", "elapsed_s")

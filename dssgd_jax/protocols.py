@@ -63,8 +63,7 @@ class ExchangeSpec:
       :func:`map_participants`): ``vmap`` (one batched program; the choice on
       GPU and TPU) or ``map`` (``lax.map``, participants one after another
       inside one program; 1.1-1.4x faster for the 32x32 CNNs on CPU,
-      BENCHMARKS.md). Both
-      give the same numbers to float tolerance.
+      BENCHMARKS.md). Both give the same numbers to float tolerance.
     mesh: with ``participant_axis="map"``, the device mesh whose
       ``participants`` axis splits the participants (``shard_map``; each
       device maps over its own); None on one device. ``vmap`` is partitioned
