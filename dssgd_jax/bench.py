@@ -3,7 +3,7 @@ r"""Speed of one DSSGD epoch: the participant axis against loops, and the rest.
 Usage::
 
   python -m dssgd_jax.bench            # full run (about 10-15 minutes on 2 cores)
-  python -m dssgd_jax.bench --quick    # about 3 minutes on 2 CPU cores
+  python -m dssgd_jax.bench --quick    # 3-4 minutes on 2 CPU cores
   python -m dssgd_jax.bench --models=svhn_cnn --batch_sizes=32
 
 Prints human-readable tables and, as its LAST line, one JSON object. Measured
@@ -572,7 +572,7 @@ def _accelerator_plugin() -> bool:
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--quick", action="store_true",
-                 help="small epochs and few repeats (about 3 minutes on 2 cores)")
+                 help="small epochs and few repeats (3-4 minutes on 2 cores)")
   p.add_argument("--models", default="svhn_cnn,mnist_cnn",
                  help="comma-separated models (the headline ratios use "
                  "svhn_cnn, else the first)")
