@@ -20,55 +20,11 @@ import argparse
 import json
 import statistics
 import sys
-import time
 
 import jax
-import jax.numpy as jnp
 
 from dssgd_jax import bench
 from dssgd_jax import models as models_lib
-from dssgd_jax import participant as participant_lib
-from dssgd_jax import protocols
-from dssgd_jax import selection as selection_lib
-from dssgd_jax import server as server_lib
-
-
-def epoch_runner(model_name: str, num: int, samples: int, batch: int,
-                 lowering: str, seed: int = 0):
-  """Returns (run() -> seconds, compile seconds, XLA peak bytes or None)."""
-  model = models_lib.get_model(model_name)
-  shape = models_lib.INPUT_SHAPES[model_name]
-  params = models_lib.init_params(model, shape, jax.random.key(seed))
-  flat, unravel = participant_lib.flatten_params(params)
-  d = int(flat.shape[0])
-  spec = protocols.ExchangeSpec(
-      learning_rate=0.01, batch_size=batch,
-      upload_count=selection_lib.upload_count(0.1, d), download_count=d,
-      participant_axis=lowering)
-  update = protocols.make_participant_update(model.apply, unravel, spec)
-  kx, ky = jax.random.split(jax.random.key(seed + 1))
-  images = jax.random.normal(kx, (num, samples) + shape)
-  labels = jax.random.randint(ky, (num, samples), 0, 10)
-  fn = jax.jit(lambda s, l, x, y, k: protocols.parallel_epoch(
-      update, spec, s, l, x, y, k), donate_argnums=(0, 1))
-  state = {"s": server_lib.init(jnp.array(flat, copy=True)),
-           "l": jnp.tile(flat[None], (num, 1)), "e": 0}
-  t0 = time.perf_counter()
-  compiled = fn.lower(state["s"], state["l"], images, labels,
-                      jax.random.key(0)).compile()
-  compile_s = time.perf_counter() - t0
-  peak = bench.compiled_peak_bytes(compiled)
-
-  def run():
-    state["e"] += 1
-    t = time.perf_counter()
-    s, l, stats = compiled(state["s"], state["l"], images, labels,
-                           jax.random.key(state["e"]))
-    jax.block_until_ready((s.params, l, stats))
-    state["s"], state["l"] = s, l
-    return time.perf_counter() - t
-
-  return run, compile_s, peak
 
 
 def device_peak_bytes():
@@ -161,9 +117,9 @@ def main(argv=None):
         f"{'compile s':>11s}{'XLA MB':>10s}{'device MB':>11s}", flush=True)
   rows = []
   for num in participant_counts(args.max_participants):
-    run, compile_s, peak = epoch_runner(args.model, num, args.samples,
-                                        args.batch_size, lowering)
-    run()
+    workload = bench.Workload(args.model, num, args.samples, args.batch_size,
+                              experiment.resolve_conv_impl(None))
+    run, compile_s, _, peak = workload.build_axis(lowering)  # warmed up
     secs = statistics.median(run() for _ in range(args.repeats))
     dev = device_peak_bytes()
     row = {"participants": num, "epoch_s": secs,
@@ -175,7 +131,7 @@ def main(argv=None):
     print(f"{num:>12d}{secs:>10.3f}{row['samples_per_s']:>12.0f}"
           f"{compile_s:>11.1f}{fmt(row['xla_peak_mb']):>10s}"
           f"{fmt(row['device_peak_mb']):>11s}", flush=True)
-    del run
+    del run, workload
   run = {"model": args.model, "participant_axis": lowering,
          "backend": jax.default_backend(), "samples": args.samples,
          "batch_size": args.batch_size, "rows": rows}
