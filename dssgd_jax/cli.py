@@ -48,6 +48,14 @@ def user_errors():
     fail(str(e))
 
 
+def reject_positional(argv) -> None:
+  """Exits with one line if an entry point got arguments that are not flags
+  (``argv`` as absl's ``app.run`` passes it, program name first)."""
+  if len(argv) > 1:
+    fail(f"Unexpected arguments: {' '.join(argv[1:])} (flags are "
+         "--name=value).")
+
+
 def force_cpu_devices(n: int) -> None:
   """Makes XLA:CPU expose ``n`` devices (before JAX's backends start).
 

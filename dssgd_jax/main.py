@@ -24,9 +24,7 @@ flags.adopt_module_key_flags(config_lib)  # list them in --help
 
 
 def main(argv):
-  if len(argv) > 1:
-    cli.fail(f"Unexpected arguments: {' '.join(argv[1:])} (flags are "
-             "--name=value).")
+  cli.reject_positional(argv)
   with cli.user_errors():
     cfg = config_lib.from_flags()
     cli.setup_devices(cfg)

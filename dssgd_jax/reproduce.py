@@ -517,9 +517,7 @@ def _check_existing(run: Run) -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    cli.fail(f"Unexpected arguments: {' '.join(argv[1:])} (flags are "
-             "--name=value).")
+  cli.reject_positional(argv)
   f = flags.FLAGS
   with cli.user_errors():
     base = config_lib.from_flags()
