@@ -314,6 +314,7 @@ def main(argv):
   f = flags.FLAGS
   with cli.user_errors():
     base = config_lib.from_flags()
+    cli.setup_devices(base)  # --cpu_devices, multi-host, as in main
     text = privacy_table(
         base, f.privacy_baselines, f.privacy_upload_fractions,
         f.svt_epsilons, f.svt_upload_fraction, f.svt_clip_bound,
