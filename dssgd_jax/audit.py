@@ -212,6 +212,19 @@ def pooled_reference_std(ref_logit_conf: np.ndarray) -> float:
   return std if std > 0 and math.isfinite(std) else 1.0
 
 
+def _pooled_scores(member_scores, nonmember_scores, what: str):
+  """(m, n, members' then non-members' scores as one float64 vector);
+  ValueError when either side is empty or a score is NaN."""
+  pos = np.asarray(member_scores, np.float64).ravel()
+  neg = np.asarray(nonmember_scores, np.float64).ravel()
+  if pos.size == 0 or neg.size == 0:
+    raise ValueError(f"{what} needs at least one member and one non-member")
+  scores = np.concatenate([pos, neg])
+  if np.isnan(scores).any():
+    raise ValueError("membership scores contain NaN")
+  return pos.size, neg.size, scores
+
+
 def exact_auc(member_scores: np.ndarray, nonmember_scores: np.ndarray
               ) -> float:
   """ROC AUC = P(member score > non-member score) + ½ P(tie), exactly.
@@ -221,14 +234,7 @@ def exact_auc(member_scores: np.ndarray, nonmember_scores: np.ndarray
   >>> exact_auc(np.array([1., 2.]), np.array([0., 2.]))
   0.625
   """
-  pos = np.asarray(member_scores, np.float64).ravel()
-  neg = np.asarray(nonmember_scores, np.float64).ravel()
-  m, n = pos.size, neg.size
-  if m == 0 or n == 0:
-    raise ValueError("AUC needs at least one member and one non-member")
-  scores = np.concatenate([pos, neg])
-  if np.isnan(scores).any():
-    raise ValueError("membership scores contain NaN")
+  m, n, scores = _pooled_scores(member_scores, nonmember_scores, "AUC")
   _, inverse, counts = np.unique(scores, return_inverse=True,
                                  return_counts=True)
   ends = np.cumsum(counts)                      # 1-based rank of group's last
@@ -247,12 +253,7 @@ def max_advantage(member_scores: np.ndarray, nonmember_scores: np.ndarray
   >>> max_advantage(np.array([3., 2.]), np.array([1., 2.5]))
   0.5
   """
-  pos = np.asarray(member_scores, np.float64).ravel()
-  neg = np.asarray(nonmember_scores, np.float64).ravel()
-  m, n = pos.size, neg.size
-  if m == 0 or n == 0:
-    raise ValueError("advantage needs at least one member and one non-member")
-  scores = np.concatenate([pos, neg])
+  m, n, scores = _pooled_scores(member_scores, nonmember_scores, "advantage")
   is_member = np.concatenate([np.ones(m), np.zeros(n)])
   order = np.argsort(-scores, kind="stable")
   scores, is_member = scores[order], is_member[order]
