@@ -29,25 +29,35 @@ _COMMON = dict(dataset="digits", num_participants=8, samples_per_participant=16,
                batch_size=8, learning_rate=0.1, upload_fraction=0.2, epochs=2,
                eval_examples=100, progress=False, seed=1)
 
-_WORKER = r"""
-import json, sys
-import jax, numpy as np
-from dssgd_jax import config as config_lib, experiment
-runs = json.loads(sys.argv[1]); common = json.loads(sys.argv[2])
-out = {"devices": jax.device_count()}
-for name, kw in runs.items():
-  cfg = config_lib.validate(config_lib.Config(**{**common, **kw}))
+
+def train_and_measure(kw):
+  """Trains a ``_COMMON`` + ``kw`` run epoch by epoch; JSON-able metrics.
+
+  The one loop behind both sides of the comparison: called here for the
+  one-device reference and by ``_WORKER`` in the 8-device subprocess.
+  """
+  cfg = config_lib.validate(config_lib.Config(**{**_COMMON, **kw}))
   exp = experiment.setup(cfg)
   st = exp.init_state
   for e in range(1, cfg.epochs + 1):
     st, stats = exp.epoch_fn(st, exp.images, exp.labels,
                              jax.random.fold_in(exp.train_key, e))
   acc, server_acc = exp.evaluate(st)
-  out[name] = {"acc": np.asarray(acc).tolist(), "server": server_acc,
-               "loss": np.asarray(stats.loss).tolist(),
-               "uploaded": np.asarray(stats.uploaded).tolist(),
-               "local": np.asarray(st["local"]).sum(axis=1).tolist(),
-               "spec": str(getattr(exp.images, "sharding", ""))}
+  return {"acc": np.asarray(acc).tolist(), "server": server_acc,
+          "loss": np.asarray(stats.loss).tolist(),
+          "uploaded": np.asarray(stats.uploaded).tolist(),
+          "local": np.asarray(st["local"]).sum(axis=1).tolist(),
+          "spec": str(getattr(exp.images, "sharding", ""))}
+
+
+_WORKER = r"""
+import json, sys
+import jax
+sys.path.insert(0, sys.argv[2])
+from test_sharding import train_and_measure
+out = {"devices": jax.device_count()}
+for name, kw in json.loads(sys.argv[1]).items():
+  out[name] = train_and_measure(kw)
 print(json.dumps(out))
 """
 
@@ -60,29 +70,16 @@ def _env(devices):
   return env
 
 
-def _reference(kw):
-  cfg = config_lib.validate(config_lib.Config(**{**_COMMON, **kw,
-                                                 "mesh_shape": 1}))
-  exp = experiment.setup(cfg)
-  st = exp.init_state
-  for e in range(1, cfg.epochs + 1):
-    st, stats = exp.epoch_fn(st, exp.images, exp.labels,
-                             jax.random.fold_in(exp.train_key, e))
-  acc, server_acc = exp.evaluate(st)
-  return {"acc": np.asarray(acc), "server": server_acc,
-          "loss": np.asarray(stats.loss), "uploaded": np.asarray(stats.uploaded),
-          "local": np.asarray(st["local"]).sum(axis=1)}
-
-
 def test_eight_devices_match_one_device():
   proc = subprocess.run(
-      [sys.executable, "-c", _WORKER, json.dumps(_RUNS), json.dumps(_COMMON)],
+      [sys.executable, "-c", _WORKER, json.dumps(_RUNS),
+       os.path.dirname(os.path.abspath(__file__))],
       env=_env(8), capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   got = json.loads(proc.stdout.strip().splitlines()[-1])
   assert got["devices"] == 8
   for name, kw in _RUNS.items():
-    ref = _reference(kw)
+    ref = train_and_measure({**kw, "mesh_shape": 1})
     g = got[name]
     assert "participants" in g["spec"], g["spec"]  # really sharded
     np.testing.assert_allclose(g["acc"], ref["acc"], atol=1e-6)
