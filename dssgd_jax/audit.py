@@ -456,6 +456,24 @@ def choose_examples(cfg, parts: np.ndarray, num_test: int, seed: int = 0,
   return np.stack(members), np.stack(nonmembers)
 
 
+def _example_pool(dataset, members: np.ndarray, nonmembers: np.ndarray):
+  """One pool of examples to score: the training examples in use, then the
+  test ones, each once.
+
+  Returns:
+    (images, labels, positions of ``members`` in the pool, positions of
+    ``nonmembers`` in the pool), the positions shaped like the inputs.
+  """
+  train_pool = np.unique(members)
+  test_pool = np.unique(nonmembers)
+  images = np.concatenate([np.asarray(dataset.train_images)[train_pool],
+                           np.asarray(dataset.test_images)[test_pool]])
+  labels = np.concatenate([np.asarray(dataset.train_labels)[train_pool],
+                           np.asarray(dataset.test_labels)[test_pool]])
+  return (images, labels, np.searchsorted(train_pool, members),
+          len(train_pool) + np.searchsorted(test_pool, nonmembers))
+
+
 def audit_run(workdir: str, attacks: Sequence[str] = ATTACKS, seed: int = 0,
               max_examples: int | None = None, allow_unfinished: bool = False,
               write: bool = True, dataset=None, parts=None) -> dict:
@@ -497,15 +515,8 @@ def audit_run(workdir: str, attacks: Sequence[str] = ATTACKS, seed: int = 0,
                                         max_examples)
   num_models = members.shape[0]
 
-  # One pool of examples: the training examples in use, then the test ones.
-  train_pool = np.unique(members)
-  test_pool = np.unique(nonmembers)
-  pool_images = np.concatenate([np.asarray(dataset.train_images)[train_pool],
-                                np.asarray(dataset.test_images)[test_pool]])
-  pool_labels = np.concatenate([np.asarray(dataset.train_labels)[train_pool],
-                                np.asarray(dataset.test_labels)[test_pool]])
-  mem_pos = np.searchsorted(train_pool, members)
-  non_pos = len(train_pool) + np.searchsorted(test_pool, nonmembers)
+  pool_images, pool_labels, mem_pos, non_pos = _example_pool(
+      dataset, members, nonmembers)
 
   stats_fn = make_stats_fn(exp.model.apply, exp.unravel)
   local = np.asarray(state["local"])
@@ -520,17 +531,12 @@ def audit_run(workdir: str, attacks: Sequence[str] = ATTACKS, seed: int = 0,
     s_members, s_nonmembers = choose_examples(
         cfg.replace(algorithm="centralized"), parts, num_test, seed,
         max_examples)
-    s_train = np.unique(s_members)
-    s_test = np.unique(s_nonmembers)
-    s_images = np.concatenate([np.asarray(dataset.train_images)[s_train],
-                               np.asarray(dataset.test_images)[s_test]])
-    s_labels = np.concatenate([np.asarray(dataset.train_labels)[s_train],
-                               np.asarray(dataset.test_labels)[s_test]])
+    s_images, s_labels, s_mem_pos, s_non_pos = _example_pool(
+        dataset, s_members, s_nonmembers)
     s_stats = stats_fn(np.asarray(state["server"].params)[None], s_images,
                        s_labels)
     server = audit_models(
-        s_stats, np.searchsorted(s_train, s_members),
-        len(s_train) + np.searchsorted(s_test, s_nonmembers), None,
+        s_stats, s_mem_pos, s_non_pos, None,
         [a for a in attacks if a not in REFERENCE_ATTACKS])
     server["num_members"] = int(s_members.shape[1])
 
