@@ -58,7 +58,21 @@ What is covered and what is not:
 import math
 from typing import Sequence
 
+import attr
 import dp_accounting
+
+
+@attr.s(frozen=True)
+class PureDpEvent(dp_accounting.DpEvent):
+  """A mechanism that is ε-DP (δ = 0) as a whole, e.g. the sparse vector
+  technique's upload. ``dp_accounting`` has no event for a generic pure-ε
+  mechanism (its accountants model noise distributions), so this one is
+  composed by :func:`compose` with basic composition.
+
+  Attributes:
+    epsilon: ε of one release.
+  """
+  epsilon = attr.ib()
 
 ACCOUNTANTS = ("rdp", "pld")
 ADJACENCIES = ("replace", "add_remove")
@@ -235,3 +249,29 @@ def epsilon_table(noise_multipliers: Sequence[float], epochs: int,
            "rdp": gaussian_epsilon(z, epochs, delta, "rdp", adjacency),
            "pld": gaussian_epsilon(z, epochs, delta, "pld", adjacency)}
           for z in noise_multipliers]
+
+
+def compose(event: dp_accounting.DpEvent, epochs: int, delta: float
+            ) -> tuple[float, float]:
+  """(ε, δ) per participant after ``epochs`` adaptive releases of ``event``.
+
+  Pure events (``LaplaceDpEvent``; :class:`PureDpEvent`, the SVT's) compose to ``epochs·ε`` with δ = 0 (basic composition, exact for
+  pure DP). Any other event is composed by ``dp_accounting``'s RDP
+  accountant and reported at ``delta``.
+
+  >>> compose(dp_accounting.LaplaceDpEvent(0.5), 3, 1e-5)
+  (6.0, 0.0)
+  >>> round(compose(dp_accounting.GaussianDpEvent(1.0), 10, 1e-5)[0], 2)
+  19.05
+  """
+  if epochs == 0:
+    return 0.0, 0.0
+  if isinstance(event, dp_accounting.LaplaceDpEvent):
+    if event.noise_multiplier == 0:
+      return math.inf, 0.0
+    return epochs / event.noise_multiplier, 0.0
+  if isinstance(event, PureDpEvent):
+    return epochs * float(event.epsilon), 0.0
+  acc = dp_accounting.rdp.RdpAccountant()
+  acc.compose(dp_accounting.SelfComposedDpEvent(event, int(epochs)))
+  return float(acc.get_epsilon(delta)), float(delta)

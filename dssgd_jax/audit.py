@@ -409,7 +409,7 @@ def load_run(workdir: str, dataset=None, parts=None, allow_unfinished=False):
     AuditError: no such directory, no config or checkpoint, or the run has
       not reached its last epoch (unless ``allow_unfinished``).
   """
-  from dssgd_jax import experiment  # pylint: disable=g-import-not-at-top
+  from dssgd_jax.run import experiment  # pylint: disable=g-import-not-at-top
   cfg = _peek_config(workdir).replace(workdir=workdir)
   ckpt = os.path.join(workdir, experiment.CHECKPOINT)
   exp = experiment.setup(cfg, dataset, parts)
@@ -506,8 +506,8 @@ def audit_run(workdir: str, attacks: Sequence[str] = ATTACKS, seed: int = 0,
   """
   run_cfg = _peek_config(workdir)  # checks the directory before any work
   if dataset is None:
-    from dssgd_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-    dataset, parts = data_lib.prepare(run_cfg)
+    from dssgd_jax.run import build  # pylint: disable=g-import-not-at-top
+    dataset, parts = build.data(run_cfg)
   cfg, exp, state, epoch = load_run(workdir, dataset, parts, allow_unfinished)
   parts = np.asarray(parts)
   num_test = len(dataset.test_labels)
@@ -526,7 +526,7 @@ def audit_run(workdir: str, attacks: Sequence[str] = ATTACKS, seed: int = 0,
   result_attacks = audit_models(stats, mem_pos, non_pos, references, attacks)
 
   server = None
-  if exp.spec.upload and cfg.algorithm != "centralized":
+  if exp.shares and cfg.algorithm != "centralized":
     # The global model trained (through uploads) on every participant's data.
     s_members, s_nonmembers = choose_examples(
         cfg.replace(algorithm="centralized"), parts, num_test, seed,
@@ -585,8 +585,8 @@ def audit_run(workdir: str, attacks: Sequence[str] = ATTACKS, seed: int = 0,
 
 def _peek_config(workdir: str):
   """The validated config of ``workdir``, checking the run is auditable."""
-  from dssgd_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from dssgd_jax import experiment  # pylint: disable=g-import-not-at-top
+  from dssgd_jax.run import config as config_lib  # pylint: disable=g-import-not-at-top
+  from dssgd_jax.run import experiment  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(workdir):
     raise AuditError(f"{workdir} is not a directory; pass the --workdir of a "
                      "finished run.")

@@ -13,7 +13,7 @@ once) and the median taken, because timings on a shared machine drift:
 * samples/s of one DSSGD epoch (download θd = 1, one local epoch of SGD,
   ``largest`` θu = 0.1 selection, server update; 30 participants) done
   - ``axis``: the ``parallel`` protocol, one jitted program with the
-    participant axis (``protocols.parallel_epoch``);
+    participant axis (``protocols.parallel``);
   - ``loop``: a Python loop over participants and minibatches calling a jitted
     single-participant SGD step (the FedJAX way), then jitted selection and
     server update;
@@ -42,7 +42,6 @@ model/batch/contender) and the settings.
 """
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import math
@@ -64,6 +63,7 @@ from dssgd_jax import models as models_lib
 from dssgd_jax import participant as participant_lib
 from dssgd_jax import privacy
 from dssgd_jax import protocols
+from dssgd_jax import rules
 from dssgd_jax import selection as selection_lib
 from dssgd_jax import server as server_lib
 
@@ -115,12 +115,11 @@ class Workload:
                                     jax.random.key(seed))
     self.flat, self.unravel = participant_lib.flatten_params(params)
     self.d = int(self.flat.shape[0])
-    self.spec = protocols.ExchangeSpec(
-        learning_rate=LEARNING_RATE, batch_size=batch, upload=True,
-        download=True, upload_count=selection_lib.upload_count(THETA_U, self.d),
-        selection="largest", download_rule="all", download_count=self.d)
-    self.update = protocols.make_participant_update(
-        self.model.apply, self.unravel, self.spec)
+    self.rule = rules.chain(rules.select_largest(
+        selection_lib.upload_count(THETA_U, self.d)))
+    self.update = participant_lib.make_update(
+        participant_lib.make_local_epoch(self.model.apply, self.unravel,
+                                         batch), self.rule, LEARNING_RATE)
     self.key = jax.random.key(seed + 1)
     self.epoch_count = 0
 
@@ -134,12 +133,13 @@ class Workload:
 
     ``lowering``: ``vmap`` or ``map`` (``protocols.map_participants``). With
     ``mesh`` the participant axis is split over its devices (one CPU device
-    per core with ``--cpu_devices``), as ``dssgd_jax.experiment`` does.
+    per core with ``--cpu_devices``), as ``dssgd_jax.run.experiment`` does.
     """
-    spec = dataclasses.replace(self.spec, participant_axis=lowering,
-                               mesh=mesh if lowering == "map" else None)
-    fn = jax.jit(lambda srv, loc, x, y, k: protocols.parallel_epoch(
-        self.update, spec, srv, loc, x, y, k), donate_argnums=(0, 1))
+    proto = protocols.parallel(self.update, server_lib.download_all(),
+                               axis=protocols.ParticipantAxis(
+                                   lowering,
+                                   mesh if lowering == "map" else None))
+    fn = jax.jit(proto.epoch, donate_argnums=(0,))
     srv = server_lib.init(jnp.array(self.flat, copy=True))  # donated
     loc = jnp.tile(self.flat[None], (self.num, 1))
     images, labels = self.images, self.labels
@@ -152,17 +152,18 @@ class Workload:
       srv = jax.device_put(srv, rep)
       loc, images, labels = split(loc), split(images), split(labels)
     t0 = time.perf_counter()
-    compiled = fn.lower(srv, loc, images, labels, self.next_key()).compile()
+    holder = {"state": proto.init(srv, loc)}
+    compiled = fn.lower(holder["state"], images, labels,
+                        self.next_key()).compile()
     compile_s = time.perf_counter() - t0
     mem_bytes = compiled_peak_bytes(compiled)
-    state = {"srv": srv, "loc": loc}
 
     def run():
       t = time.perf_counter()
-      srv, loc, stats = compiled(state["srv"], state["loc"], images, labels,
-                                 self.next_key())
-      _block((srv.params, loc, stats))
-      state["srv"], state["loc"] = srv, loc
+      state, stats = compiled(holder["state"], images, labels,
+                              self.next_key())
+      _block((state["server"].params, state["local"], stats))
+      holder["state"] = state
       return time.perf_counter() - t
 
     t0 = time.perf_counter()
@@ -199,12 +200,12 @@ class Workload:
   # -- FedJAX-style: Python loop over participants and minibatches.
   def build_loop(self):
     apply_fn, unravel, batch = self.model.apply, self.unravel, self.batch
-    spec = self.spec
+    rule = self.rule
 
     @jax.jit
     def step(params, x, y, idx, mask):
       return participant_lib.sgd_step(apply_fn, params, x[idx], y[idx], mask,
-                                      spec.learning_rate)
+                                      LEARNING_RATE)
 
     @jax.jit
     def start(flat, key):
@@ -213,7 +214,7 @@ class Workload:
 
     @jax.jit
     def upload(params, flat, key):
-      return protocols.make_upload(spec, ravel_pytree(params)[0] - flat, key)
+      return rule.apply(rules.dense(ravel_pytree(params)[0] - flat), key)
 
     def participant_upload(i, server_params, key):
       k_train, k_up = jax.random.split(key)
@@ -386,7 +387,7 @@ def _fmt(x, spec=".0f"):
 
 def run_bench(args) -> dict:
   torch_loop = None if args.no_torch else _torch_loop_module()
-  from dssgd_jax import experiment  # pylint: disable=g-import-not-at-top
+  from dssgd_jax.run import build as experiment  # pylint: disable=g-import-not-at-top
   conv_impl = args.conv_impl
   if conv_impl == "auto":
     conv_impl = experiment.resolve_conv_impl(None)

@@ -106,7 +106,7 @@ def main(argv=None):
     plot(run["rows"], args.plot, _title(run))
     print(f"plot: {args.plot}")
     return
-  from dssgd_jax import experiment  # pylint: disable=g-import-not-at-top
+  from dssgd_jax.run import build as experiment  # pylint: disable=g-import-not-at-top
   lowering = args.participant_axis
   if lowering == "auto":
     lowering = experiment.resolve_participant_axis(None, args.model)

@@ -16,11 +16,11 @@ import sys
 from absl import app
 from absl import flags
 
-from dssgd_jax import config as config_lib
+from dssgd_jax.run import config as config_lib
 from dssgd_jax import cli
 
 config_lib.define_flags()
-flags.adopt_module_key_flags(config_lib)  # list them in --help
+config_lib.declare_key_flags()  # list them, by group, in --help
 
 
 def main(argv):
@@ -28,7 +28,7 @@ def main(argv):
   with cli.user_errors():
     cfg = config_lib.from_flags()
     cli.setup_devices(cfg)
-    from dssgd_jax import experiment  # pylint: disable=g-import-not-at-top
+    from dssgd_jax.run import experiment  # pylint: disable=g-import-not-at-top
     summary = experiment.run(cfg)
   print(cli.summary_text(summary))
 

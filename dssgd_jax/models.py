@@ -167,6 +167,32 @@ class DigitsCNN(nn.Module):
 
 
 MODELS = ("mnist_mlp", "mnist_cnn", "svhn_cnn", "digits_cnn", "digits_mlp")
+CONV_IMPLS = ("im2col", "xla")
+# Models whose first layer expects 32x32 inputs: 28x28 images get padded
+# (dssgd_jax.data.transforms).
+MODELS_32X32 = ("mnist_cnn", "svhn_cnn")
+
+
+def fits(name: str, image_shape: Sequence[int]) -> bool:
+  """Whether model ``name`` can take images of ``image_shape`` (as loaded;
+  28x28 images are padded to 32x32 for the 32x32 models). Checked by
+  tracing ``init`` abstractly (no computation).
+
+  >>> fits("digits_cnn", (8, 8, 1)), fits("mnist_cnn", (8, 8, 1))
+  (True, False)
+  """
+  h, w, c = image_shape
+  if name in MODELS_32X32 and (h, w) == (28, 28):
+    h, w = 32, 32
+  model = get_model(name)
+  # Everything inside eval_shape is abstract: no backend starts (so
+  # --cpu_devices and jax.distributed can still be set up afterwards).
+  try:
+    jax.eval_shape(lambda x: model.init(jax.random.key(0), x),
+                   jax.ShapeDtypeStruct((1, h, w, c), jnp.float32))
+  except (ValueError, TypeError, ZeroDivisionError):
+    return False
+  return True
 
 # Input shape each model is built for (H, W, C).
 INPUT_SHAPES = {

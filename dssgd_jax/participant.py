@@ -70,38 +70,57 @@ def sgd_step(apply_fn: Callable, params: Any, images: jax.Array,
   return params, loss
 
 
-def epoch_batches(num_examples: int, batch_size: int, key: jax.Array
+def epoch_batches(num_examples: int, batch_size: int, key: jax.Array,
+                  count: jax.Array | None = None
                   ) -> tuple[jax.Array, jax.Array]:
   """Shuffled minibatch indices for one epoch, padded to a static shape.
 
+  Args:
+    num_examples: n, the (static) number of example slots.
+    batch_size: M.
+    key: PRNG key of the shuffle.
+    count: optional (traced) number of real examples, the first ``count``
+      slots; the rest are padding that is never used (participants holding
+      different amounts of data share one array shape).
+
   Returns:
     (indices, mask), both (ceil(n / M), M); the last batch is completed with
-    masked padding so every example is used exactly once per epoch.
+    masked padding so every example is used exactly once per epoch. With
+    ``count`` the real examples come first in a uniformly random order and
+    the batches after them are fully masked.
   """
   num_steps = math.ceil(num_examples / batch_size)
   perm = jax.random.permutation(key, num_examples)
+  valid = num_examples
+  if count is not None:
+    perm = perm[jnp.argsort(perm >= count, stable=True)]
+    valid = count
   pad = num_steps * batch_size - num_examples
   idx = jnp.concatenate([perm, jnp.zeros((pad,), perm.dtype)])
-  mask = jnp.arange(num_steps * batch_size) < num_examples
+  mask = jnp.arange(num_steps * batch_size) < valid
   return (idx.reshape(num_steps, batch_size),
           mask.reshape(num_steps, batch_size))
 
 
 def make_local_epoch(apply_fn: Callable, unravel: Callable, batch_size: int
                      ) -> Callable:
-  """Builds ``epoch(flat, images, labels, key, lr) -> (flat, mean_loss)``.
+  """Builds ``epoch(flat, images, labels, key, lr, count=None) -> (flat,
+  mean_loss)``.
 
   One local epoch is a ``lax.scan`` of :func:`sgd_step` over the participant's
   shuffled minibatches (batch size M, every example once, last batch partial).
-  The returned function is pure and un-jitted; jit or vmap it at the call site.
+  ``count`` (optional, traced) says how many of the example slots are real
+  (:func:`epoch_batches`); fully padded batches change nothing and do not
+  count in the mean loss. The returned function is pure and un-jitted; jit or
+  vmap it at the call site.
 
   Args:
     apply_fn: the model's ``apply``.
     unravel: maps the flat vector back to the parameter pytree.
     batch_size: M (static).
   """
-  def epoch(flat, images, labels, key, learning_rate):
-    idx, mask = epoch_batches(images.shape[0], batch_size, key)
+  def epoch(flat, images, labels, key, learning_rate, count=None):
+    idx, mask = epoch_batches(images.shape[0], batch_size, key, count)
     params = unravel(flat)
 
     def body(p, batch):
@@ -112,9 +131,48 @@ def make_local_epoch(apply_fn: Callable, unravel: Callable, batch_size: int
 
     params, losses = jax.lax.scan(body, params, (idx, mask))
     new_flat, _ = ravel_pytree(params)
-    return new_flat.astype(flat.dtype), jnp.mean(losses)
+    if count is None:
+      mean_loss = jnp.mean(losses)
+    else:
+      used = jnp.any(mask, axis=1).astype(losses.dtype)
+      mean_loss = jnp.sum(losses * used) / jnp.maximum(jnp.sum(used), 1.0)
+    return new_flat.astype(flat.dtype), mean_loss
 
   return epoch
+
+
+def make_update(local_epoch: Callable, upload_rule: Any, learning_rate: float
+                ) -> Callable:
+  """One participant's epoch of the exchange (paper section 3, steps 1-5).
+
+  Args:
+    local_epoch: from :func:`make_local_epoch`.
+    upload_rule: a :class:`dssgd_jax.rules.UploadRule` applied to Δw, or
+      None to upload nothing.
+    learning_rate: k.
+
+  Returns:
+    ``update(server_params, download_mask, local, images, labels, key,
+    count=None) -> (new_local, upload, loss)``: overwrite the downloaded
+    entries of ``local`` from ``server_params``, train one local epoch, and
+    upload ``upload_rule(Δw)`` (an empty upload when the rule is None). Pure
+    and vmappable.
+  """
+  from dssgd_jax import rules  # pylint: disable=g-import-not-at-top
+
+  def update(server_params, download_mask, local, images, labels, key,
+             count=None):
+    k_train, k_up = jax.random.split(key)
+    local = jnp.where(download_mask, server_params, local)
+    new_local, loss = local_epoch(local, images, labels, k_train,
+                                  learning_rate, count)
+    if upload_rule is None:
+      upload = rules.empty(new_local.dtype)
+    else:
+      upload = upload_rule.apply(rules.dense(new_local - local), k_up)
+    return new_local, upload, loss
+
+  return update
 
 
 def make_accuracy_fn(apply_fn: Callable, unravel: Callable) -> Callable:

@@ -45,7 +45,7 @@ from absl import flags
 
 from dssgd_jax import audit as audit_lib
 from dssgd_jax import cli
-from dssgd_jax import config as config_lib
+from dssgd_jax.run import config as config_lib
 from dssgd_jax.errors import ConfigError
 
 config_lib.define_flags()
@@ -98,20 +98,22 @@ def plan(base: config_lib.Config, baselines, upload_fractions, svt_epsilons,
   rows = []
 
   def add(key, label, **over):
-    cfg = base.replace(workdir=os.path.join(base.workdir, key), **over)
+    cfg = config_lib.for_algorithm(
+        base, over.pop("algorithm"), workdir=os.path.join(base.workdir, key),
+        **over)
     rows.append((key, label, config_lib.validate(cfg)))
 
-  plain = dict(noise="none", noise_scale=0.0, epsilon=None)
+  plain = dict(noise="none")
   for b in baselines:
     if b not in ("centralized", "standalone"):
       raise ConfigError(f"--privacy_baselines: {b!r} is not centralized or "
                         "standalone.")
   if "centralized" in baselines:
     add("centralized", "Centralized SGD", algorithm="centralized",
-        protocol="parallel", **plain)
+        protocol="parallel")
   if "standalone" in baselines:
     add("standalone", "Standalone", algorithm="standalone",
-        protocol="parallel", **plain)
+        protocol="parallel")
   for f in _floats("privacy_upload_fractions", upload_fractions):
     add(f"dssgd_{f:g}", f"DSSGD θu = {f:g}", algorithm="dssgd",
         upload_fraction=f, **plain)
@@ -128,7 +130,7 @@ def plan(base: config_lib.Config, baselines, upload_fractions, svt_epsilons,
           f"DSSGD θu = {svt_upload_fraction:g}{label_suffix} + SVT, ε = "
           f"{e:g}/epoch",
           algorithm="dssgd", upload_fraction=svt_upload_fraction,
-          noise="svt", noise_scale=0.0, epsilon=e,
+          noise="svt", epsilon=e,
           clip_bound=svt_clip_bound, threshold=svt_threshold, **download)
   if not rows:
     raise ConfigError("The table has no rows.")
@@ -273,8 +275,8 @@ def privacy_table(base, baselines=("centralized", "standalone"),
                   svt_download_fractions=(), svt_download_rule=None,
                   audit_seed=0, log=None) -> str:
   """Runs (or resumes) every row, audits it, writes and returns the table."""
-  from dssgd_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from dssgd_jax import experiment  # pylint: disable=g-import-not-at-top
+  from dssgd_jax.run import build  # pylint: disable=g-import-not-at-top
+  from dssgd_jax.run import experiment  # pylint: disable=g-import-not-at-top
   if log is None:
     def log(msg):
       print(msg, file=sys.stderr, flush=True)
@@ -283,7 +285,7 @@ def privacy_table(base, baselines=("centralized", "standalone"),
               svt_threshold, list(svt_download_fractions),
               svt_download_rule)
   os.makedirs(base.workdir, exist_ok=True)
-  data = data_lib.prepare(rows[0][2])
+  data = build.data(rows[0][2])
   results = {}
   for i, (key, label, cfg) in enumerate(rows):
     if _complete(cfg):

@@ -1,155 +1,85 @@
 """Protocols: who talks to the parameter server when, over one epoch.
 
-Paper section 3 (the participant's algorithm, steps 1-5), SPEC section 3
-"Protocols". Data flows one way through :func:`make_participant_update`:
+Paper section 3, SPEC section 3 "Protocols". Every protocol is a
+:class:`Protocol`, two pure functions::
 
-    download θd of w_g -> one local SGD epoch -> Δw -> select θu of Δw
-    -> bound to [-γ, γ] and add noise (or the SVT mechanism) -> upload
+    state = protocol.init(server, local)        # {"server", "local", ...}
+    state, stats = protocol.epoch(state, images, labels, key)
 
-and the protocols arrange that update over the participant axis:
+so the run loop, checkpoints and device placement have no special case for
+any of them. ``local`` is the (P, D) stack of participants' flat parameters
+and ``images``/``labels`` their private data with a leading participant axis.
+A protocol is built from a participant ``update`` (:func:`dssgd_jax.
+participant.make_update`: download, local epoch, upload rule) and a
+:class:`~dssgd_jax.server.DownloadRule`:
 
-* ``round_robin`` (:func:`round_robin_epoch`) — the paper's sequential
-  protocol: participant 1 downloads, trains and uploads, then participant 2
-  sees the result, and so on (a ``lax.scan`` over participants).
-* ``parallel`` (:func:`parallel_epoch`) — all participants download the same
-  snapshot, train at the same time (:func:`map_participants` over the
-  leading participant axis: ``vmap``, or ``lax.map`` on CPU) and the server
-  applies all uploads.
-* ``async`` — see ``dssgd_jax.async_protocol``.
+* :func:`round_robin` — the paper's sequential protocol: participant 1
+  downloads, trains and uploads, then participant 2 sees the result, and so
+  on (a ``lax.scan`` over participants);
+* :func:`parallel` — every participant downloads the same snapshot, they
+  train at the same time (:func:`map_participants` over the participant
+  axis) and the server applies all uploads (optionally weighted: FedAvg);
+* :func:`asynchronous` — ``async``: stale downloads from a ring of past
+  server snapshots, uploads applied to the current server.
 
-All epoch functions are pure: ``(server, local, images, labels, key) ->
-(server, local, EpochStats)`` with ``local`` the (P, D) stack of participants'
-flat parameter vectors and ``images``/``labels`` their private data with a
-leading participant axis. Per-participant keys are ``fold_in(key, i)``, so a
+Every protocol takes ``upload_loss`` and ``download_loss``: each epoch each
+participant's upload (download) is lost with that probability; a lost upload
+never reaches the server, a lost download leaves the participant training
+from its own parameters. Per-participant keys are ``fold_in(key, i)``, so a
 participant draws the same numbers whatever the protocol or device layout.
 """
 
-import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from dssgd_jax import participant as participant_lib
-from dssgd_jax import privacy
-from dssgd_jax import selection as selection_lib
 from dssgd_jax import server as server_lib
 from dssgd_jax.selection import Upload
 
-
-@dataclasses.dataclass(frozen=True)
-class ExchangeSpec:
-  """Static description of what a participant shares (hashable).
-
-  Attributes:
-    learning_rate: k.
-    batch_size: M.
-    upload: whether anything is uploaded (False for standalone/centralized).
-    download: whether the participant downloads before training.
-    upload_count: c = ceil(θu·D).
-    selection: ``largest`` | ``threshold`` | ``random`` | ``largest_approx``.
-    threshold: τ for ``threshold`` selection and the SVT.
-    clip_bound: γ, or None for no bounding.
-    noise: ``none`` | ``laplace`` | ``gaussian`` | ``svt``.
-    noise_scale: Laplace scale b or Gaussian std σ.
-    epsilon: ε per participant per epoch for ``svt``.
-    l2_clip: L2 bound of each upload (Gaussian mechanism), or None.
-    download_rule: ``all`` | ``most_updated`` | ``random``.
-    download_count: ceil(θd·D).
-    aggregate: ``sum`` (DSSGD: add uploads) or ``mean`` (FedAvg).
-    stat_decay: β.
-    decay_every: apply β every this many epochs.
-    participant_axis: how the participant axis is computed (the lowering of
-      :func:`map_participants`): ``vmap`` (one batched program; the choice on
-      GPU and TPU) or ``map`` (``lax.map``, participants one after another
-      inside one program; 1.1-1.4x faster for the 32x32 CNNs on CPU,
-      BENCHMARKS.md). Both give the same numbers to float tolerance.
-    mesh: with ``participant_axis="map"``, the device mesh whose
-      ``participants`` axis splits the participants (``shard_map``; each
-      device maps over its own); None on one device. ``vmap`` is partitioned
-      by the caller's shardings instead.
-  """
-  learning_rate: float
-  batch_size: int
-  upload: bool = True
-  download: bool = True
-  upload_count: int = 0
-  selection: str = "largest"
-  threshold: float = 1e-4
-  clip_bound: float | None = None
-  noise: str = "none"
-  noise_scale: float = 0.0
-  epsilon: float | None = None
-  l2_clip: float | None = None
-  download_rule: str = "all"
-  download_count: int = 0
-  aggregate: str = "sum"
-  stat_decay: float = 1.0
-  decay_every: int = 1
-  participant_axis: str = "vmap"
-  mesh: Any = None
+PROTOCOLS = ("round_robin", "parallel", "async")
+PARTICIPANT_AXES = ("vmap", "map")
+STALENESS = ("constant", "uniform", "geometric")
+_LOSS_SALT = 0x1055
+_ASYNC_SALT = 0x5A1E
 
 
 class EpochStats(NamedTuple):
-  """Per-participant diagnostics of one epoch (arrays of shape (P,))."""
+  """Per-participant diagnostics of one epoch (arrays of shape (P,)).
+
+  Attributes:
+    loss: mean local training loss.
+    uploaded: entries the participant sent.
+    downloaded: entries it received.
+    upload_lost: True where its upload did not reach the server.
+  """
   loss: jax.Array
   uploaded: jax.Array
   downloaded: jax.Array
+  upload_lost: jax.Array
 
 
-def make_upload(spec: ExchangeSpec, delta: jax.Array, key: jax.Array
-                ) -> Upload:
-  """Selection, bounding and noise of one participant's Δw (pure)."""
-  k_sel, k_noise = jax.random.split(key)
-  d = delta.shape[0]
-  if spec.noise == "svt":
-    return privacy.svt_select(delta, k_sel, count=spec.upload_count,
-                              epsilon=spec.epsilon, clip_bound=spec.clip_bound,
-                              threshold=spec.threshold)
-  if spec.upload_count >= d and spec.selection in ("largest", "random",
-                                                   "largest_approx"):
-    upload = Upload(jnp.arange(d, dtype=jnp.int32), delta,
-                    jnp.ones((d,), bool))
-  else:
-    upload = selection_lib.select(spec.selection, delta, spec.upload_count,
-                                  k_sel, spec.threshold)
-  if spec.l2_clip is not None:
-    upload = privacy.l2_clip(upload, spec.l2_clip)
-  return privacy.bound_and_noise(upload, spec.clip_bound, spec.noise,
-                                 spec.noise_scale, k_noise)
+class Protocol(NamedTuple):
+  """``init(server, local) -> state``; ``epoch(state, images, labels, key)
+  -> (state, EpochStats)``. Both pure; ``epoch`` is jitted by the caller."""
+  init: Callable[[server_lib.ServerState, jax.Array], dict]
+  epoch: Callable[..., tuple[dict, EpochStats]]
+  name: str
 
 
-def make_participant_update(apply_fn: Callable, unravel: Callable,
-                            spec: ExchangeSpec) -> Callable:
-  """Builds one participant's epoch of DSSGD (pure, vmappable).
+class ParticipantAxis(NamedTuple):
+  """How the participant axis of the parallel protocols is computed.
 
-  Returns:
-    ``update(server_params, download_mask, local, images, labels, key) ->
-    (new_local, upload, loss)`` where ``download_mask`` is the (D,) boolean
-    mask of entries overwritten from ``server_params`` (ignored when
-    ``spec.download`` is False) and ``upload`` the participant's sparse upload
-    (empty when ``spec.upload`` is False).
+  Attributes:
+    lowering: ``vmap`` (one batched program; the choice on GPU and TPU) or
+      ``map`` (``lax.map``: participants one after another inside one
+      program; faster for the 32x32 CNNs on CPU, docs/benchmarks.md). Both
+      give the same numbers to float tolerance.
+    mesh: with ``map``, the device mesh whose first axis splits the
+      participants (``shard_map``); None on one device.
   """
-  local_epoch = participant_lib.make_local_epoch(apply_fn, unravel,
-                                                 spec.batch_size)
-
-  def update(server_params, download_mask, local, images, labels, key):
-    k_train, k_up = jax.random.split(key)
-    if spec.download:
-      local = jnp.where(download_mask, server_params, local)
-    new_local, loss = local_epoch(local, images, labels, k_train,
-                                  spec.learning_rate)
-    if spec.upload:
-      upload = make_upload(spec, new_local - local, k_up)
-    else:
-      upload = Upload(jnp.zeros((0,), jnp.int32), jnp.zeros((0,)),
-                      jnp.zeros((0,), bool))
-    return new_local, upload, loss
-
-  return update
-
-
-PARTICIPANT_AXES = ("vmap", "map")
+  lowering: str = "vmap"
+  mesh: Any = None
 
 
 def map_participants(fn: Callable, in_axes: tuple, args: tuple,
@@ -164,13 +94,12 @@ def map_participants(fn: Callable, in_axes: tuple, args: tuple,
     lowering: ``vmap`` (batched) or ``map`` (``lax.map``: one participant at
       a time inside the same program, so every matrix product is a plain
       single-participant one; the faster lowering on CPU).
-    mesh: with ``map``, a mesh whose ``participants`` axis splits the
-      participants (``jax.shard_map``; each device maps over its share).
+    mesh: with ``map``, a mesh whose first axis splits the participants
+      (``jax.shard_map``; each device maps over its share).
 
   Returns:
     The outputs stacked along a leading participant axis, as ``vmap``.
 
-  >>> import jax.numpy as jnp
   >>> f = lambda w, x: w * x
   >>> map_participants(f, (None, 0), (2.0, jnp.arange(3.0)), "map")
   Array([0., 2., 4.], dtype=float32)
@@ -212,94 +141,219 @@ def _split_keys(keys):
   return both[:, 0], both[:, 1]
 
 
-def _download_masks(spec, server, dl_keys):
-  num = dl_keys.shape[0]
-  if not spec.download:
-    return jnp.zeros((num, server.params.shape[0]), bool)
-  if spec.download_rule in ("all", "most_updated"):
-    mask = server_lib.download_mask(spec.download_rule, server,
-                                    spec.download_count, dl_keys[0])
-    return jnp.broadcast_to(mask, (num,) + mask.shape)
-  return jax.vmap(lambda k: server_lib.download_mask(
-      spec.download_rule, server, spec.download_count, k))(dl_keys)
+def draw_losses(key: jax.Array, num: int, upload_loss: float,
+                download_loss: float) -> tuple[jax.Array, jax.Array]:
+  """(upload lost, download lost), each (num,) bool, for one epoch.
+
+  >>> up, down = draw_losses(jax.random.key(0), 3, 1.0, 0.0)
+  >>> up.tolist(), down.tolist()
+  ([True, True, True], [False, False, False])
+  """
+  k_up, k_down = jax.random.split(jax.random.fold_in(key, _LOSS_SALT))
+
+  def draw(k, p):
+    if p <= 0:
+      return jnp.zeros((num,), bool)
+    if p >= 1:
+      return jnp.ones((num,), bool)
+    return jax.random.bernoulli(k, p, (num,))
+
+  return draw(k_up, upload_loss), draw(k_down, download_loss)
 
 
-def _apply(spec, server, uploads, deltas_mean=None):
-  if not spec.upload:
-    return server
-  if spec.aggregate == "mean":
-    return server.replace(params=server.params + deltas_mean)
-  return server_lib.apply_uploads(server, uploads)
+def _masks(download: server_lib.DownloadRule, server, dl_keys, lost):
+  """(P, D) download masks from one server state; lost downloads are empty."""
+  if not download.uses_key:
+    mask = download.mask(server, dl_keys[0])  # the same for everyone
+    masks = jnp.broadcast_to(mask, (dl_keys.shape[0],) + mask.shape)
+  else:
+    masks = jax.vmap(lambda k: download.mask(server, k))(dl_keys)
+  return masks & ~lost[:, None]
 
 
-def parallel_epoch(update: Callable, spec: ExchangeSpec,
-                   server: server_lib.ServerState, local: jax.Array,
-                   images: jax.Array, labels: jax.Array, key: jax.Array
-                   ) -> tuple[server_lib.ServerState, jax.Array, EpochStats]:
-  """All participants train on the same server snapshot (vmapped).
+def _drop(uploads: Upload, lost: jax.Array) -> Upload:
+  return uploads._replace(mask=uploads.mask & ~lost[..., None])
+
+
+def _weigh(uploads: Upload, weights: jax.Array | None, lost: jax.Array
+           ) -> Upload:
+  """Scales participant i's values by w_i / Σ_received w (FedAvg's mean)."""
+  if weights is None:
+    return uploads
+  w = jnp.where(lost, 0.0, weights.astype(jnp.float32))
+  w = w / jnp.maximum(jnp.sum(w), 1e-30)
+  return uploads._replace(values=uploads.values * w[:, None])
+
+
+def _stats(losses, uploads, masks, up_lost):
+  return EpochStats(losses, uploads.count, jnp.sum(masks, axis=-1), up_lost)
+
+
+def _end(server, stat_decay, decay_every):
+  return server_lib.end_epoch(server, stat_decay, decay_every)
+
+
+def _plain_init(server, local):
+  return {"server": server, "local": local}
+
+
+def parallel(update: Callable, download: server_lib.DownloadRule, *,
+             stat_decay: float = 1.0, decay_every: int = 1,
+             upload_loss: float = 0.0, download_loss: float = 0.0,
+             weights: jax.Array | None = None,
+             axis: ParticipantAxis = ParticipantAxis(),
+             counts: jax.Array | None = None) -> Protocol:
+  """All participants train on the same server snapshot.
 
   Args:
-    update: from :func:`make_participant_update`.
-    spec: the same spec ``update`` was built with.
-    server: server state at the start of the epoch.
-    local: (P, D) participants' flat parameters.
-    images: (P, n, ...) each participant's private images.
-    labels: (P, n) labels.
-    key: the epoch's PRNG key.
+    update: from :func:`dssgd_jax.participant.make_update`.
+    download: the download rule.
+    stat_decay: β, applied to the server's update counters ...
+    decay_every: ... every this many epochs.
+    upload_loss, download_loss: loss probabilities per participant per epoch.
+    weights: optional (P,) weights: the server adds the weighted mean of the
+      received uploads instead of their sum (FedAvg).
+    axis: how the participant axis is computed.
+    counts: optional (P,) number of real examples of each participant (the
+      rest of its example slots are padding).
   """
-  num = local.shape[0]
-  dl_keys, up_keys = _split_keys(participant_keys(key, num))
-  masks = _download_masks(spec, server, dl_keys)
-  new_local, uploads, losses = map_participants(
-      update, (None, 0, 0, 0, 0, 0),
-      (server.params, masks, local, images, labels, up_keys),
-      spec.participant_axis, spec.mesh)
-  deltas_mean = None
-  if spec.aggregate == "mean":
-    before = jnp.where(masks, server.params, local) if spec.download else local
-    deltas_mean = jnp.mean(new_local - before, axis=0)
-  server = _apply(spec, server, uploads, deltas_mean)
-  server = server_lib.end_epoch(server, spec.stat_decay, spec.decay_every)
-  downloaded = jnp.sum(masks, axis=-1) if spec.download else jnp.zeros((num,))
-  return server, new_local, EpochStats(losses, uploads.count, downloaded)
+  def epoch(state, images, labels, key):
+    server, local = state["server"], state["local"]
+    num = local.shape[0]
+    dl_keys, up_keys = _split_keys(participant_keys(key, num))
+    up_lost, dl_lost = draw_losses(key, num, upload_loss, download_loss)
+    masks = _masks(download, server, dl_keys, dl_lost)
+    if counts is None:
+      new_local, uploads, losses = map_participants(
+          update, (None, 0, 0, 0, 0, 0),
+          (server.params, masks, local, images, labels, up_keys),
+          axis.lowering, axis.mesh)
+    else:
+      new_local, uploads, losses = map_participants(
+          update, (None, 0, 0, 0, 0, 0, 0),
+          (server.params, masks, local, images, labels, up_keys, counts),
+          axis.lowering, axis.mesh)
+    received = _weigh(_drop(uploads, up_lost), weights, up_lost)
+    server = _end(server_lib.apply_uploads(server, received), stat_decay,
+                  decay_every)
+    return ({"server": server, "local": new_local},
+            _stats(losses, uploads, masks, up_lost))
+
+  return Protocol(_plain_init, epoch, "parallel")
 
 
-def round_robin_epoch(update: Callable, spec: ExchangeSpec,
-                      server: server_lib.ServerState, local: jax.Array,
-                      images: jax.Array, labels: jax.Array, key: jax.Array
-                      ) -> tuple[server_lib.ServerState, jax.Array, EpochStats]:
+def round_robin(update: Callable, download: server_lib.DownloadRule, *,
+                stat_decay: float = 1.0, decay_every: int = 1,
+                upload_loss: float = 0.0, download_loss: float = 0.0
+                ) -> Protocol:
   """The paper's sequential protocol (a scan over participants).
 
   Participant i downloads from the server state left by participants 0..i-1
   in the same epoch, trains, and uploads before participant i+1 starts.
-  Arguments as in :func:`parallel_epoch`.
+  Arguments as in :func:`parallel`.
   """
-  if spec.aggregate == "mean":
-    raise ValueError("round_robin does not support aggregate='mean'")
-  num = local.shape[0]
-  dl_keys, up_keys = _split_keys(participant_keys(key, num))
+  def epoch(state, images, labels, key):
+    server, local = state["server"], state["local"]
+    num = local.shape[0]
+    dl_keys, up_keys = _split_keys(participant_keys(key, num))
+    up_lost, dl_lost = draw_losses(key, num, upload_loss, download_loss)
 
-  def body(srv, xs):
-    loc, imgs, labs, k_dl, k_up = xs
-    mask = _download_masks(spec, srv, k_dl[None])[0]
-    new_loc, upload, loss = update(srv.params, mask, loc, imgs, labs, k_up)
-    srv = _apply(spec, srv, upload)
-    down = jnp.sum(mask) if spec.download else jnp.zeros(())
-    return srv, (new_loc, loss, upload.count, down)
+    def body(srv, xs):
+      loc, imgs, labs, k_dl, k_up, u_lost, d_lost = xs
+      mask = _masks(download, srv, k_dl[None], d_lost[None])[0]
+      new_loc, upload, loss = update(srv.params, mask, loc, imgs, labs, k_up)
+      srv = server_lib.apply_uploads(srv, _drop(upload, u_lost))
+      return srv, (new_loc, loss, upload.count, jnp.sum(mask))
 
-  server, (new_local, losses, up, down) = jax.lax.scan(
-      body, server, (local, images, labels, dl_keys, up_keys))
-  server = server_lib.end_epoch(server, spec.stat_decay, spec.decay_every)
-  return server, new_local, EpochStats(losses, up, down)
+    server, (new_local, losses, up, down) = jax.lax.scan(
+        body, server, (local, images, labels, dl_keys, up_keys, up_lost,
+                       dl_lost))
+    server = _end(server, stat_decay, decay_every)
+    return ({"server": server, "local": new_local},
+            EpochStats(losses, up, down, up_lost))
+
+  return Protocol(_plain_init, epoch, "round_robin")
 
 
-PROTOCOLS = ("round_robin", "parallel", "async")
+def draw_staleness(key: jax.Array, num: int, dist: str, max_staleness: int
+                   ) -> jax.Array:
+  """(num,) int32 staleness in [0, max_staleness] from distribution ``dist``:
+  ``constant`` (s = max_staleness), ``uniform`` on {0..max_staleness} or
+  ``geometric`` (P(s) = 2^-(s+1), the tail mass on max_staleness)."""
+  if max_staleness == 0:
+    return jnp.zeros((num,), jnp.int32)
+  if dist == "constant":
+    return jnp.full((num,), max_staleness, jnp.int32)
+  if dist == "uniform":
+    return jax.random.randint(key, (num,), 0, max_staleness + 1, jnp.int32)
+  if dist == "geometric":
+    s = jax.random.geometric(key, 0.5, (num,)) - 1
+    return jnp.minimum(s, max_staleness).astype(jnp.int32)
+  raise ValueError(f"unknown staleness distribution {dist!r}; expected one of "
+                   f"{STALENESS}")
 
 
-def get_epoch_fn(protocol: str) -> Callable[..., Any]:
-  """The epoch function of a protocol name (``async`` lives elsewhere)."""
-  if protocol == "parallel":
-    return parallel_epoch
-  if protocol == "round_robin":
-    return round_robin_epoch
-  raise ValueError(f"unknown protocol {protocol!r}")
+def asynchronous(update: Callable, download: server_lib.DownloadRule, *,
+                 staleness: str = "constant", max_staleness: int = 0,
+                 stat_decay: float = 1.0, decay_every: int = 1,
+                 upload_loss: float = 0.0, download_loss: float = 0.0,
+                 axis: ParticipantAxis = ParticipantAxis()) -> Protocol:
+  """``async``: participants run at different speeds (SPEC section 3).
+
+  Each epoch participant i draws a staleness s_i in [0, max_staleness]
+  (:func:`draw_staleness`) and downloads from the server snapshot taken s_i
+  epochs ago; the last ``max_staleness + 1`` snapshots (parameters and
+  update counters) are kept in a ring, part of the protocol state
+  (``state["ring"]``, newest first; before the first epoch every slot holds
+  the initial server). All participants train at the same time, and their
+  uploads are added to the *current* server. ``max_staleness=0`` is
+  :func:`parallel` (same keys, same numbers); ``upload_loss=1`` and
+  ``download_loss=1`` is standalone training. Everything is drawn from the
+  epoch key, so a run is deterministic for a seed and resumes exactly.
+  """
+  if staleness not in STALENESS:
+    raise ValueError(f"staleness={staleness!r} is not one of {STALENESS}")
+  max_s = int(max_staleness)
+
+  def init(server, local):
+    return {"server": server, "local": local,
+            "ring": {"params": jnp.tile(server.params[None], (max_s + 1, 1)),
+                     "stat": jnp.tile(server.stat[None], (max_s + 1, 1))}}
+
+  def epoch(state, images, labels, key):
+    server, local, ring = state["server"], state["local"], state["ring"]
+    num = local.shape[0]
+    dl_keys, up_keys = _split_keys(participant_keys(key, num))
+    up_lost, dl_lost = draw_losses(key, num, upload_loss, download_loss)
+    stale = draw_staleness(jax.random.fold_in(key, _ASYNC_SALT), num,
+                           staleness, max_s)
+    # Slot 0 is the current server.
+    ring_params = ring["params"].at[0].set(server.params)
+    ring_stat = ring["stat"].at[0].set(server.stat)
+
+    def snapshot(s):
+      return server_lib.ServerState(ring_params[s], ring_stat[s],
+                                    jnp.zeros((), jnp.int32))
+
+    if max_s == 0:
+      masks = _masks(download, server, dl_keys, dl_lost)
+      new_local, uploads, losses = map_participants(
+          update, (None, 0, 0, 0, 0, 0),
+          (server.params, masks, local, images, labels, up_keys),
+          axis.lowering, axis.mesh)
+    else:
+      masks = jax.vmap(lambda s, k, lost: _masks(
+          download, snapshot(s), k[None], lost[None])[0])(
+              stale, dl_keys, dl_lost)
+      new_local, uploads, losses = map_participants(
+          update, (0,) * 6,
+          (ring_params[stale], masks, local, images, labels, up_keys),
+          axis.lowering, axis.mesh)
+    server = _end(server_lib.apply_uploads(server, _drop(uploads, up_lost)),
+                  stat_decay, decay_every)
+    ring = {"params": jnp.concatenate([server.params[None], ring_params[:-1]]),
+            "stat": jnp.concatenate([server.stat[None], ring_stat[:-1]])}
+    return ({"server": server, "local": new_local, "ring": ring},
+            _stats(losses, uploads, masks, up_lost))
+
+  return Protocol(init, epoch, "async")

@@ -57,12 +57,12 @@ from absl import app
 from absl import flags
 
 from dssgd_jax import cli
-from dssgd_jax import config as config_lib
+from dssgd_jax.run import config as config_lib
 from dssgd_jax import plot as plot_lib
 from dssgd_jax.errors import ConfigError, NonFiniteError
 
 config_lib.define_flags()
-flags.adopt_module_key_flags(config_lib)  # list the run flags in --help
+config_lib.declare_key_flags()  # list the run flags, by group, in --help
 
 BASELINES = ("centralized", "standalone", "fedavg")
 
@@ -186,12 +186,13 @@ def plan(base: config_lib.Config, batch_sizes: list[str],
                     upload_fraction=fractions[[f"dssgd_{_num(f)}" for f in
                                                fractions].index(row)])
       else:
-        # Baselines exchange no noised updates; FedAvg's rounds are parallel.
-        over = dict(algorithm=row, protocol="parallel", noise="none",
-                    noise_scale=0.0, epsilon=None)
-      cfg = base.replace(batch_size=m, learning_rate=k,
-                         workdir=os.path.join(base.workdir, f"{row}_{key}"),
-                         **over)
+        # Baselines exchange no noised updates; every flag that the
+        # baseline does not read is reset (config.for_algorithm).
+        # --protocol=parallel is what the baselines run.
+        over = dict(algorithm=row, noise="none", protocol="parallel")
+      cfg = config_lib.for_algorithm(
+          base, over.pop("algorithm"), batch_size=m, learning_rate=k,
+          workdir=os.path.join(base.workdir, f"{row}_{key}"), **over)
       runs.append(Run(row, key, config_lib.validate(cfg)))
   return rows, columns, runs
 
@@ -249,7 +250,7 @@ def _write_json(path: str, obj) -> None:
 
 def execute(runs: list[Run], log) -> None:
   """Runs (or resumes, or skips) every run in order."""
-  from dssgd_jax import experiment  # pylint: disable=g-import-not-at-top
+  from dssgd_jax.run import experiment  # pylint: disable=g-import-not-at-top
   todo = [r for r in runs if not is_complete(r) and not diverged(r)]
   for r in runs:
     if r not in todo:
@@ -262,8 +263,8 @@ def execute(runs: list[Run], log) -> None:
         f"size {run.config.batch_size}, learning rate "
         f"{_num(run.config.learning_rate)} -> {run.config.workdir}")
     if data is None:
-      from dssgd_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-      data = data_lib.prepare(run.config)
+      from dssgd_jax.run import build  # pylint: disable=g-import-not-at-top
+      data = build.data(run.config)
     try:
       experiment.run(run.config, *data, log=log)
     except NonFiniteError as e:
@@ -423,14 +424,14 @@ CSV_FIELDS = ("run", "row", "algorithm", "upload_fraction", "batch_size",
 def audit_runs(runs: list[Run], results: dict[str, dict], log) -> None:
   """Adds ``audit`` (loss attack AUC/advantage) to every complete result."""
   from dssgd_jax import audit as audit_lib  # pylint: disable=g-import-not-at-top
-  from dssgd_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from dssgd_jax.run import build  # pylint: disable=g-import-not-at-top
   data = None
   for run in runs:
     res = results[run.name]
     if res["status"] != "complete":
       continue
     if data is None:
-      data = data_lib.prepare(run.config)
+      data = build.data(run.config)
     full = audit_lib.audit_run(run.config.workdir, attacks=("loss",),
                                dataset=data[0], parts=data[1])
     loss = full["attacks"]["loss"]
@@ -512,7 +513,7 @@ def reproduce(base: config_lib.Config, batch_sizes=(), learning_rates=(),
 
 def _check_existing(run: Run) -> None:
   if os.path.isdir(run.config.workdir):
-    from dssgd_jax import experiment  # pylint: disable=g-import-not-at-top
+    from dssgd_jax.run import experiment  # pylint: disable=g-import-not-at-top
     experiment._check_config(run.config.workdir, run.config)  # pylint: disable=protected-access
 
 

@@ -22,12 +22,13 @@ recently updated entries weigh more in ``most_updated`` downloads.
 """
 
 import math
+from typing import Callable, NamedTuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from dssgd_jax.selection import Upload, top_k_mask
+from dssgd_jax.selection import Upload, random_ranks, top_k_mask
 
 
 @flax.struct.dataclass
@@ -73,37 +74,83 @@ def end_epoch(state: ServerState, stat_decay: float = 1.0,
 
 
 def download_count(fraction: float, num_params: int) -> int:
-  """``ceil(θd·D)``, the number of entries a participant downloads."""
+  """``ceil(θd·D)``, the number of entries a participant downloads.
+
+  >>> download_count(0.1, 105506)
+  10551
+  """
   if fraction <= 0:
     return 0
   return min(num_params, int(math.ceil(fraction * num_params - 1e-9)))
 
 
-DOWNLOAD_RULES = ("all", "most_updated", "random")
+class DownloadRule(NamedTuple):
+  """Which entries of w_g a participant downloads (SPEC section 3).
 
-
-def download_mask(rule: str, state: ServerState, count: int,
-                  key: jax.Array) -> jax.Array:
-  """Boolean (D,) mask of the entries a participant downloads.
-
-  Args:
-    rule: ``all`` (every entry; θd = 1), ``most_updated`` (the ``count``
-      entries with the largest ``stat``, ties to the lower index) or
-      ``random`` (a uniformly random subset of ``count`` entries).
-    state: the server state.
-    count: static number of entries ``ceil(θd·D)``.
-    key: PRNG key (used by ``random``).
+  Attributes:
+    mask: ``(server_state, key) -> bool (D,)``, pure and vmappable.
+    count: the static number of entries it downloads (None: all D, sent
+      dense).
+    name: how it prints.
+    uses_key: whether the mask is random (each participant draws its own);
+      otherwise every participant that sees the same server state gets the
+      same mask, computed once.
   """
-  d = state.params.shape[0]
-  if count == 0:
-    return jnp.zeros((d,), bool)
-  if rule == "all" or count >= d:
-    return jnp.ones((d,), bool)
-  if rule == "most_updated":
-    return top_k_mask(state.stat, count)
-  if rule == "random":
-    return top_k_mask(jax.random.uniform(key, (d,)), count)
-  raise ValueError(f"unknown download rule {rule!r}")
+  mask: Callable[[ServerState, jax.Array], jax.Array]
+  count: int | None
+  name: str
+  uses_key: bool = False
+
+  def __repr__(self) -> str:
+    return self.name
+
+  def entries(self, num_params: int) -> int:
+    """Entries downloaded per participant per epoch."""
+    return num_params if self.count is None else min(self.count, num_params)
+
+  def bytes(self, num_params: int) -> float:
+    """Bytes one download sends: dense 4·D, else 8 per (int32, float32)
+    pair."""
+    if self.count is None or self.count >= num_params:
+      return 4.0 * num_params
+    return 8.0 * self.count
+
+
+def download_none() -> DownloadRule:
+  """Nothing (a participant that trains alone).
+
+  >>> download_none().bytes(10)
+  0.0
+  """
+  return DownloadRule(lambda state, key: jnp.zeros(state.params.shape, bool),
+                      0, "download_none()")
+
+
+def download_all() -> DownloadRule:
+  """Every entry (θd = 1), sent as a dense vector."""
+  return DownloadRule(lambda state, key: jnp.ones(state.params.shape, bool),
+                      None, "download_all()")
+
+
+def download_most_updated(count: int) -> DownloadRule:
+  """The paper's rule: the ``count`` entries updated most often (the largest
+  decayed ``stat``; ties to the lower index).
+
+  >>> state = ServerState(jnp.zeros(4), jnp.array([0., 3., 1., 3.]),
+  ...                     jnp.zeros((), jnp.int32))
+  >>> download_most_updated(2).mask(state, None).tolist()
+  [False, True, False, True]
+  """
+  return DownloadRule(lambda state, key: top_k_mask(state.stat, count),
+                      int(count), f"download_most_updated({count})")
+
+
+def download_random(count: int) -> DownloadRule:
+  """A uniformly random subset of exactly ``count`` entries (exact ranks)."""
+  return DownloadRule(
+      lambda state, key: top_k_mask(
+          random_ranks(key, state.params.shape[-1]), count),
+      int(count), f"download_random({count})", uses_key=True)
 
 
 def download(local: jax.Array, state: ServerState, mask: jax.Array

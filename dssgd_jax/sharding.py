@@ -139,9 +139,10 @@ class Placement:
     return run
 
 
-def placement(cfg: Any, num_models: int) -> Placement:
-  """The placement for a run's ``num_models`` participant models."""
-  n = mesh_size(num_models, int(getattr(cfg, "mesh_shape", 0) or 0))
+def placement(num_models: int, mesh_shape: int = 0) -> Placement:
+  """The placement of ``num_models`` participant models over ``mesh_shape``
+  devices (0: as many as divide the models, see :func:`mesh_size`)."""
+  n = mesh_size(num_models, int(mesh_shape or 0))
   if n == 1:
     return Placement(None)
   if jax.process_count() > 1 and n != jax.device_count():

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dssgd_jax import async_protocol
-from dssgd_jax import config as config_lib
-from dssgd_jax import experiment
+from dssgd_jax import protocols
+from dssgd_jax.run import config as config_lib
+from dssgd_jax.run import experiment
 
 _BASE = dict(dataset="digits", model="digits_mlp", num_participants=4,
              samples_per_participant=24, batch_size=8, learning_rate=0.1,
@@ -27,7 +27,9 @@ def _run(epochs=2, **kw):
 
 
 def _run_uncached(epochs, **kw):
-  cfg = config_lib.validate(config_lib.Config(**{**_BASE, **kw}))
+  alg = kw.pop("algorithm", "dssgd")
+  cfg = config_lib.validate(config_lib.for_algorithm(
+      config_lib.Config(**_BASE), alg, **kw))
   exp = experiment.setup(cfg)
   state = exp.init_state
   stats = None
@@ -51,9 +53,10 @@ def test_async_without_staleness_or_loss_is_parallel():
   np.testing.assert_allclose(a_acc, p_acc)
 
 
-def test_async_with_every_upload_lost_is_standalone():
+def test_async_with_every_exchange_lost_is_standalone():
   a_state, a_stats, a_acc = _run(protocol="async", max_staleness=2,
-                                 staleness="uniform", upload_loss=1.0)
+                                 staleness="uniform", upload_loss=1.0,
+                                 download_loss=1.0)
   s_state, _, s_acc = _run(algorithm="standalone", protocol="parallel")
   np.testing.assert_allclose(a_state["local"], s_state["local"], rtol=1e-5,
                              atol=1e-6)
@@ -61,15 +64,26 @@ def test_async_with_every_upload_lost_is_standalone():
   # Nothing reached the server, nothing was downloaded.
   np.testing.assert_array_equal(a_state["server"].params,
                                 s_state["server"].params)
-  assert int(jnp.sum(a_stats.uploaded)) == 0
+  assert bool(jnp.all(a_stats.upload_lost))
   assert int(jnp.sum(a_stats.downloaded)) == 0
+
+
+def test_lost_uploads_still_download():
+  # --upload_loss loses the upload only: the participant still downloads.
+  state, stats, _ = _run(protocol="async", max_staleness=1, upload_loss=1.0)
+  assert bool(jnp.all(stats.upload_lost))
+  assert int(jnp.min(stats.downloaded)) > 0
+  init = experiment.setup(config_lib.validate(config_lib.Config(
+      **_BASE, protocol="async", max_staleness=1))).init_state
+  np.testing.assert_array_equal(state["server"].params,
+                                init["server"].params)
 
 
 def test_async_stale_run_differs_from_parallel():
   a, stats_a, _ = _run(protocol="async", max_staleness=2,
                        staleness="geometric", upload_loss=0.3)
-  assert a["extra"]["params"].shape[0] == 3  # ring of max_staleness + 1
-  np.testing.assert_array_equal(a["extra"]["params"][0], a["server"].params)
+  assert a["ring"]["params"].shape[0] == 3  # ring of max_staleness + 1
+  np.testing.assert_array_equal(a["ring"]["params"][0], a["server"].params)
   p, _, _ = _run(protocol="parallel")
   assert not np.allclose(a["local"], p["local"])
   assert np.all(np.isfinite(np.asarray(stats_a.loss)))
@@ -80,14 +94,14 @@ def test_constant_staleness_trains_on_old_snapshots():
   # initial server, so epoch 2's downloads ignore epoch 1's uploads.
   state, _, _ = _run(epochs=2, protocol="async", max_staleness=1,
                      staleness="constant")
-  ring = np.asarray(state["extra"]["params"])
+  ring = np.asarray(state["ring"]["params"])
   assert ring.shape[0] == 2
   assert not np.allclose(ring[0], ring[1])
 
 
 @pytest.mark.parametrize("dist", ["constant", "uniform", "geometric"])
 def test_staleness_draws_stay_in_range(dist):
-  s = async_protocol.draw_staleness(jax.random.key(0), 1000, dist, 3)
+  s = protocols.draw_staleness(jax.random.key(0), 1000, dist, 3)
   assert int(s.min()) >= 0 and int(s.max()) <= 3
   if dist == "constant":
     assert set(np.asarray(s).tolist()) == {3}

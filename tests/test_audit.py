@@ -17,8 +17,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from dssgd_jax import audit
-from dssgd_jax import config as config_lib
-from dssgd_jax import experiment
+from dssgd_jax.run import config as config_lib
+from dssgd_jax.run import experiment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from dssgd_jax import experiment
+from dssgd_jax.run import experiment
 
 from cli_helpers import jit_env as _jit_env
 from cli_helpers import session_dir as _session_dir
@@ -56,7 +56,7 @@ BAD_FLAGS = [
     (["--noise=svt", "--epsilon=1"], "--clip_bound"),
     (["--epsilon=1"], "--epsilon"),
     (["--noise=laplace"], "--noise_scale"),
-    (["--algorithm=fedavg", "--protocol=round_robin"], "--protocol"),
+    (["--algorithm=fedavg", "--protocol=async"], "--protocol"),
     (["--algorithm=standalone", "--noise=laplace", "--noise_scale=1"],
      "--noise"),
     (["--protocol=async", "--algorithm=centralized"], "--protocol=async"),

@@ -585,9 +585,14 @@ def make_cfg(**kw):
   return types.SimpleNamespace(**base)
 
 
+def _prepare(cfg):
+  kw = dict(vars(cfg))
+  return data.prepare(kw.pop("dataset"), **kw)
+
+
 @pytest.mark.parametrize("kind", data.PARTITIONS)
 def test_prepare_digits(kind):
-  ds, parts = data.prepare(make_cfg(partition=kind))
+  ds, parts = _prepare(make_cfg(partition=kind))
   assert ds.train_images.shape == (1437, 8, 8, 1)
   assert parts.shape == (10, 100) and parts.dtype == np.int32
   assert len(np.unique(parts)) == parts.size
@@ -595,14 +600,14 @@ def test_prepare_digits(kind):
 
 def test_prepare_mnist_files_for_mnist_cnn(tmp_path):
   write_mnist_dir(str(tmp_path), gz=True, n_train=60)
-  ds, parts = data.prepare(make_cfg(
+  ds, parts = _prepare(make_cfg(
       dataset="fashion_mnist", data_source="files", data_dir=str(tmp_path),
       model="mnist_cnn", num_participants=3, samples_per_participant=20))
   assert ds.train_images.shape == (60, 32, 32, 1)
   assert ds.test_images.shape == (20, 32, 32, 1)
   assert parts.shape == (3, 20)
   with pytest.raises(DataError, match="--samples_per_participant=21"):
-    data.prepare(make_cfg(dataset="mnist", data_source="files",
+    _prepare(make_cfg(dataset="mnist", data_source="files",
                           data_dir=str(tmp_path), model="mnist_cnn",
                           num_participants=3, samples_per_participant=21))
 

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from dssgd_jax import config as config_lib
-from dssgd_jax import experiment
+from dssgd_jax.run import config as config_lib
+from dssgd_jax.run import experiment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -16,8 +16,8 @@ import os
 import numpy as np
 import pytest
 
-from dssgd_jax import config as config_lib
-from dssgd_jax import experiment
+from dssgd_jax.run import config as config_lib
+from dssgd_jax.run import experiment
 from dssgd_jax.errors import ConfigError
 
 TINY = dict(dataset="digits", model="digits_mlp", num_participants=4,
@@ -84,9 +84,9 @@ def test_fedavg_server_is_mean_of_participants_and_costs_dense(fedavg_run):
 
 
 def test_fedavg_flags():
-  with pytest.raises(ConfigError, match="--protocol=parallel"):
+  with pytest.raises(ConfigError, match="--protocol=async"):
     config_lib.validate(config_lib.Config(algorithm="fedavg",
-                                          protocol="round_robin", **TINY))
+                                          protocol="async", **TINY))
   with pytest.raises(ConfigError, match="--noise"):
     config_lib.validate(config_lib.Config(
         algorithm="fedavg", protocol="parallel", noise="laplace",

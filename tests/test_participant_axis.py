@@ -19,6 +19,7 @@ import pytest
 from dssgd_jax import models
 from dssgd_jax import participant
 from dssgd_jax import protocols
+from dssgd_jax import rules
 from dssgd_jax import server as server_lib
 
 P, N, BATCH, LR = 3, 4, 2, 0.1
@@ -78,18 +79,17 @@ def test_parallel_epoch_matches_participants_one_by_one(lowering):
   flat, unravel = participant.flatten_params(
       models.init_params(model, shape, jax.random.key(1)))
   d = flat.shape[0]
-  spec = protocols.ExchangeSpec(learning_rate=LR, batch_size=BATCH,
-                                upload_count=d // 10, download_count=d,
-                                selection="largest",
-                                participant_axis=lowering)
-  update = protocols.make_participant_update(model.apply, unravel, spec)
+  update = participant.make_update(
+      participant.make_local_epoch(model.apply, unravel, BATCH),
+      rules.chain(rules.select_largest(d // 10)), LR)
+  proto = protocols.parallel(update, server_lib.download_all(),
+                             axis=protocols.ParticipantAxis(lowering))
   x, y = _data(shape)
   local = jnp.tile(flat[None], (P, 1))
   srv = server_lib.init(flat)
   key = jax.random.key(4)
-  fast_srv, fast_local, stats = jax.jit(
-      lambda s, l, k: protocols.parallel_epoch(update, spec, s, l, x, y, k))(
-          srv, local, key)
+  fast, stats = jax.jit(proto.epoch)(proto.init(srv, local), x, y, key)
+  fast_srv, fast_local = fast["server"], fast["local"]
 
   single = jax.jit(update)
   keys = protocols.participant_keys(key, P)

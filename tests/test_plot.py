@@ -1,6 +1,6 @@
-"""plot.py (figures of a run or a sweep) and tb_events.py (TensorBoard files).
+"""plot.py (figures of a run or a sweep).
 
-Both work on files alone, so these tests write synthetic metrics and need no
+It works on files alone, so these tests write synthetic metrics and need no
 training.
 """
 
@@ -13,7 +13,6 @@ import sys
 import pytest
 
 from dssgd_jax import plot
-from dssgd_jax import tb_events
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -93,58 +92,3 @@ def test_plot_help():
   out = subprocess.run([sys.executable, "-m", "dssgd_jax.plot", "--help"],
                        capture_output=True, text=True, cwd=REPO, timeout=120)
   assert "python -m dssgd_jax.plot WORKDIR" in out.stdout + out.stderr
-
-
-# ----------------------------------------------------------------------------
-# TensorBoard event files.
-
-
-def test_crc32c_known_answer():
-  assert tb_events.crc32c(b"123456789") == 0xE3069283
-  assert tb_events.crc32c(b"") == 0
-
-
-def test_events_round_trip(tmp_path):
-  write = tb_events.make_writer(str(tmp_path))
-  write(1, {"epoch": 1, "participant_accuracy_mean": 0.5, "bytes_up": 3848.0,
-            "server_accuracy": None, "epsilon_spent": None, "flag": True})
-  write(2, {"epoch": 2, "participant_accuracy_mean": 0.75,
-            "bytes_up": 3848.0, "server_accuracy": 0.7})
-  files = tb_events.event_files(str(tmp_path))
-  assert len(files) == 1 and "tfevents" in os.path.basename(files[0])
-  assert os.path.dirname(files[0]) == str(tmp_path / "events")
-  got = [(s.step, s.tag, s.value) for s in tb_events.read_scalars(
-      str(tmp_path))]
-  assert got == [(1, "participant_accuracy_mean", 0.5),
-                 (1, "bytes_up", 3848.0),
-                 (2, "participant_accuracy_mean", 0.75),
-                 (2, "bytes_up", 3848.0),
-                 (2, "server_accuracy", pytest.approx(0.7))]
-  # The first record is the file version TensorBoard checks.
-  first = next(tb_events.read_records(files[0]))
-  assert b"brain.Event:2" in first
-
-  # A torn last record (a kill mid-write) is ignored; a flipped bit is not.
-  data = open(files[0], "rb").read()
-  with open(files[0], "wb") as f:
-    f.write(data + tb_events.frame_record(b"x" * 50)[:30])
-  assert len(tb_events.read_scalars(str(tmp_path))) == 5
-  corrupt = bytearray(data)
-  corrupt[-7] ^= 0x40
-  with open(files[0], "wb") as f:
-    f.write(bytes(corrupt))
-  with pytest.raises(ValueError, match="CRC"):
-    tb_events.read_scalars(str(tmp_path))
-
-
-def test_events_readable_by_tensorboard(tmp_path):
-  """Cross-check with TensorBoard's own reader where it is installed."""
-  ea = pytest.importorskip(
-      "tensorboard.backend.event_processing.event_accumulator")
-  write = tb_events.make_writer(str(tmp_path))
-  for step in (1, 2, 3):
-    write(step, {"epoch": step, "train_loss": 1.0 / step})
-  acc = ea.EventAccumulator(str(tmp_path / "events"))
-  acc.Reload()
-  assert [(e.step, round(e.value, 6)) for e in acc.Scalars("train_loss")] == [
-      (1, 1.0), (2, 0.5), (3, round(1 / 3, 6))]

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from dssgd_jax import _topk
 from dssgd_jax import privacy
 from dssgd_jax.selection import Upload
 
@@ -235,11 +236,11 @@ def test_permutation_rounds_compose_least_significant_first():
   # Many 3-bit rounds: ties within a round are frequent, so the result is
   # uniform only if each round breaks ties by the previous round's order.
   many = jax.jit(jax.vmap(
-      lambda k: privacy._sort_rounds(k, 4, 2, [3] * 6)))(_keys(1, 12000))
+      lambda k: _topk._sort_rounds(k, 4, 2, [3] * 6)))(_keys(1, 12000))
   assert stats.chisquare(_perm_counts(np.asarray(many))).pvalue > P_MIN
   # One 1-bit round leaves ties in index order: clearly not uniform.
   few = jax.jit(jax.vmap(
-      lambda k: privacy._sort_rounds(k, 4, 2, [1])))(_keys(2, 12000))
+      lambda k: _topk._sort_rounds(k, 4, 2, [1])))(_keys(2, 12000))
   assert stats.chisquare(_perm_counts(np.asarray(few))).pvalue < P_MIN
 
 
@@ -247,7 +248,7 @@ def test_permutation_equals_numpy_emulation():
   # n = 70000: 17 index bits, four 15-bit rounds; the third straddles the two
   # random 32-bit words. Emulate the rounds with a stable numpy argsort.
   n, key = 70000, jax.random.key(12)
-  index_bits, per_round = privacy._permutation_plan(n)
+  index_bits, per_round = _topk._permutation_plan(n)
   assert (index_bits, per_round) == (17, [15, 15, 15, 15])
   words = np.asarray(jax.random.bits(key, (2, n), jnp.uint32), np.uint64)
   stream = words[0] | (words[1] << np.uint64(32))  # 64 random bits per slot

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 
 from dssgd_jax import algorithms
-from dssgd_jax import config as config_lib
+from dssgd_jax.run import config as config_lib
 from dssgd_jax import models
 from dssgd_jax import participant
 from dssgd_jax import protocols
+from dssgd_jax import rules
 from dssgd_jax import server as server_lib
+from dssgd_jax.run import build
 
 
 def _data(p, n, seed=0):
@@ -27,26 +29,28 @@ def _model():
   return model, flat, unravel
 
 
-def _run(spec, protocol, p, epochs, x, y, flat, model, unravel, seed=3):
-  update = protocols.make_participant_update(model.apply, unravel, spec)
-  fn = jax.jit(lambda s, l, k: protocols.get_epoch_fn(protocol)(
-      update, spec, s, l, x, y, k))
-  state = server_lib.init(flat)
-  local = jnp.tile(flat[None], (p, 1))
+def _protocol(kind, rule, model, unravel, download=None, lr=0.1, batch=4,
+              **kw):
+  update = participant.make_update(
+      participant.make_local_epoch(model.apply, unravel, batch), rule, lr)
+  download = server_lib.download_all() if download is None else download
+  return {"round_robin": protocols.round_robin,
+          "parallel": protocols.parallel}[kind](update, download, **kw), update
+
+
+def _run(proto, p, epochs, x, y, flat, seed=3):
+  fn = jax.jit(proto.epoch)
+  state = proto.init(server_lib.init(flat), jnp.tile(flat[None], (p, 1)))
   for e in range(epochs):
-    state, local, stats = fn(state, local, jax.random.fold_in(
-        jax.random.key(seed), e))
-  return state, local, stats
+    state, stats = fn(state, x, y, jax.random.fold_in(jax.random.key(seed), e))
+  return state["server"], state["local"], stats
 
 
 def test_round_robin_one_participant_full_sharing_is_plain_sgd():
   model, flat, unravel = _model()
   x, y = _data(1, 20)
-  spec = protocols.ExchangeSpec(learning_rate=0.1, batch_size=4,
-                                upload_count=flat.shape[0],
-                                download_count=flat.shape[0])
-  state, local, stats = _run(spec, "round_robin", 1, 3, x, y, flat, model,
-                             unravel)
+  proto, _ = _protocol("round_robin", rules.chain(), model, unravel)
+  state, local, stats = _run(proto, 1, 3, x, y, flat)
   # Plain SGD: the same epochs with the same shuffles, no server at all.
   epoch = participant.make_local_epoch(model.apply, unravel, 4)
   w = flat
@@ -64,24 +68,27 @@ def test_round_robin_one_participant_full_sharing_is_plain_sgd():
 def test_upload_fraction_zero_equals_standalone(protocol):
   model, flat, unravel = _model()
   x, y = _data(3, 16)
-  base = config_lib.Config(num_participants=3, samples_per_participant=16,
-                           batch_size=4, learning_rate=0.1, protocol=protocol)
+  base = config_lib.validate(config_lib.Config(
+      num_participants=3, samples_per_participant=16, batch_size=4,
+      learning_rate=0.1, protocol=protocol, dataset="digits",
+      model="digits_mlp"))
   d = flat.shape[0]
-  spec0 = algorithms.exchange_spec(base.replace(upload_fraction=0.0), d)
-  spec_sa = algorithms.exchange_spec(base.replace(algorithm="standalone"), d)
-  assert spec0 == spec_sa
-  f0 = algorithms.epoch_function(base.replace(upload_fraction=0.0),
-                                 model.apply, unravel, spec0)
-  fs = algorithms.epoch_function(base.replace(algorithm="standalone"),
-                                 model.apply, unravel, spec_sa)
+  local_epoch = participant.make_local_epoch(model.apply, unravel, 4)
+  axis = protocols.ParticipantAxis()
+  p0 = build.protocol(base.replace(upload_fraction=0.0), local_epoch, d, axis)
+  ps = build.protocol(config_lib.for_algorithm(base, "standalone"),
+                      local_epoch, d, axis)
+  assert build.upload_rule(base.replace(upload_fraction=0.0), d) is None
+  f0, fs = jax.jit(p0.epoch), jax.jit(ps.epoch)
   s = server_lib.init(flat)
-  l0 = ls = jnp.tile(flat[None], (3, 1))
+  st0 = st_s = p0.init(s, jnp.tile(flat[None], (3, 1)))
   for e in range(2):
     k = jax.random.key(e)
-    _, l0, st0 = f0(s, l0, x, y, k)
-    _, ls, sts = fs(s, ls, x, y, k)
+    st0, stats0 = f0(st0, x, y, k)
+    st_s, _ = fs(st_s, x, y, k)
+  l0, ls = st0["local"], st_s["local"]
   np.testing.assert_array_equal(l0, ls)
-  assert np.all(np.asarray(st0.uploaded) == 0)
+  assert np.all(np.asarray(stats0.uploaded) == 0)
   # Standalone is really independent training: participant i alone.
   epoch = participant.make_local_epoch(model.apply, unravel, 4)
   w = flat
@@ -95,11 +102,8 @@ def test_upload_fraction_zero_equals_standalone(protocol):
 def test_round_robin_participants_see_earlier_uploads():
   model, flat, unravel = _model()
   x, y = _data(2, 12)
-  d = flat.shape[0]
-  spec = protocols.ExchangeSpec(learning_rate=0.1, batch_size=4,
-                                upload_count=d, download_count=d)
-  state, local, _ = _run(spec, "round_robin", 2, 1, x, y, flat, model,
-                         unravel)
+  proto, _ = _protocol("round_robin", rules.chain(), model, unravel)
+  state, local, _ = _run(proto, 2, 1, x, y, flat)
   # Participant 1 started from participant 0's result (full sharing), so the
   # server ends at participant 1's model: sequential SGD over both datasets.
   np.testing.assert_allclose(state.params, local[1], rtol=1e-5, atol=1e-6)
@@ -111,13 +115,10 @@ def test_parallel_equals_per_participant_computation():
   x, y = _data(3, 12)
   d = flat.shape[0]
   c = 50
-  spec = protocols.ExchangeSpec(learning_rate=0.1, batch_size=4,
-                                upload_count=c, download_count=d,
-                                clip_bound=0.01)
+  rule = rules.chain(rules.select_largest(c), rules.clip(0.01))
+  proto, update = _protocol("parallel", rule, model, unravel)
   key = jax.random.key(9)
-  state, local, stats = _run(spec, "parallel", 3, 1, x, y, flat, model,
-                             unravel, seed=9)
-  update = protocols.make_participant_update(model.apply, unravel, spec)
+  state, local, stats = _run(proto, 3, 1, x, y, flat, seed=9)
   keys = protocols.participant_keys(jax.random.fold_in(key, 0), 3)
   want = np.asarray(flat).copy()
   for i in range(3):
@@ -134,11 +135,10 @@ def test_parallel_equals_per_participant_computation():
 def test_fedavg_server_is_mean_of_models():
   model, flat, unravel = _model()
   x, y = _data(3, 12)
-  cfg = config_lib.Config(algorithm="fedavg", protocol="parallel",
-                          batch_size=4, learning_rate=0.1)
-  spec = algorithms.exchange_spec(cfg, flat.shape[0])
-  fn = algorithms.epoch_function(cfg, model.apply, unravel, spec)
-  state, local, _ = fn(server_lib.init(flat), jnp.tile(flat[None], (3, 1)),
-                       x, y, jax.random.key(0))
+  update = participant.make_update(
+      participant.make_local_epoch(model.apply, unravel, 4), rules.chain(),
+      0.1)
+  proto = algorithms.fedavg(update, jnp.array([12, 12, 12]))
+  state, local, _ = _run(proto, 3, 1, x, y, flat, seed=0)
   np.testing.assert_allclose(state.params, jnp.mean(local, 0), rtol=1e-5,
                              atol=1e-6)

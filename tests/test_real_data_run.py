@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from dssgd_jax import config as config_lib
-from dssgd_jax import experiment
+from dssgd_jax.run import config as config_lib
+from dssgd_jax.run import experiment
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from dssgd_jax import config as config_lib
+from dssgd_jax.run import config as config_lib
 from dssgd_jax import reproduce
 from dssgd_jax.errors import ConfigError
 

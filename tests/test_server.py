@@ -74,8 +74,8 @@ def test_most_updated_download_matches_reference(count):
   rng = np.random.default_rng(count)
   stat = rng.integers(0, 5, size=40).astype(np.float32)  # many ties
   state = server.init(jnp.zeros(40)).replace(stat=jnp.asarray(stat))
-  mask = jax.jit(server.download_mask, static_argnums=(0, 2))(
-      "most_updated", state, count, jax.random.key(0))
+  mask = jax.jit(server.download_most_updated(count).mask)(
+      state, jax.random.key(0))
   np.testing.assert_array_equal(mask, ref_most_updated(stat, count))
 
 
@@ -83,8 +83,7 @@ def test_random_download_count_and_overwrite():
   d = 100
   state = server.init(jnp.arange(d, dtype=jnp.float32))
   keys = jax.random.split(jax.random.key(0), 8)
-  masks = jax.vmap(lambda k: server.download_mask("random", state, 30, k))(
-      keys)
+  masks = jax.vmap(lambda k: server.download_random(30).mask(state, k))(keys)
   assert np.all(np.asarray(masks).sum(1) == 30)
   assert len({tuple(np.flatnonzero(m)) for m in np.asarray(masks)}) > 1
   local = -jnp.ones((d,))
@@ -96,8 +95,11 @@ def test_random_download_count_and_overwrite():
 
 def test_download_all_and_none():
   state = server.init(jnp.ones(5))
-  assert bool(server.download_mask("all", state, 5, jax.random.key(0)).all())
-  assert not bool(server.download_mask("random", state, 0,
-                                       jax.random.key(0)).any())
+  key = jax.random.key(0)
+  assert bool(server.download_all().mask(state, key).all())
+  assert not bool(server.download_none().mask(state, key).any())
+  assert not bool(server.download_random(0).mask(state, key).any())
+  assert server.download_all().bytes(5) == 20.0
+  assert server.download_most_updated(2).bytes(5) == 16.0
   assert server.download_count(1.0, 5) == 5
   assert server.download_count(0.5, 5) == 3

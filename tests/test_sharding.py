@@ -15,8 +15,8 @@ import jax
 import numpy as np
 import pytest
 
-from dssgd_jax import config as config_lib
-from dssgd_jax import experiment
+from dssgd_jax.run import config as config_lib
+from dssgd_jax.run import experiment
 from dssgd_jax import sharding
 from dssgd_jax.errors import ConfigError
 

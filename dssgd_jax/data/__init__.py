@@ -1,10 +1,12 @@
 """Datasets, preprocessing and participant partitions (SPEC section 5).
 
-The engine needs one call, :func:`prepare`, which loads the dataset named by
-the config, partitions its training set over the participants and applies the
-model's preprocessing::
+The engine needs one call, :func:`prepare`, which loads a dataset by name,
+partitions its training set over the participants and applies the model's
+preprocessing::
 
-    dataset, parts = dssgd_jax.data.prepare(cfg)
+    dataset, parts = dssgd_jax.data.prepare(
+        "digits", num_participants=10, samples_per_participant=100,
+        model="digits_cnn")
     # dataset.train_images[parts[i]] is participant i's private data.
 
 The pieces are also public for users and notebooks:
@@ -36,7 +38,7 @@ from dssgd_jax.data.partition import make_partition
 from dssgd_jax.data.partition import PARTITIONS
 from dssgd_jax.data.transforms import preprocess
 
-DATA_SOURCES = SOURCES  # the name dssgd_jax.config uses
+DATA_SOURCES = SOURCES
 
 __all__ = [
     "DATASETS", "DATA_SOURCES", "Dataset", "FASHION_MNIST_DEBIAN_DIR",
@@ -45,17 +47,28 @@ __all__ = [
 ]
 
 
-def prepare(cfg) -> tuple[Dataset, np.ndarray]:
+def prepare(dataset: str, *, num_participants: int,
+            samples_per_participant: int, model: str | None = None,
+            seed: int = 0, data_source: str = "auto",
+            data_dir: str | None = None, partition: str = "iid",
+            dirichlet_alpha: float = 0.5, standardize: bool | None = None,
+            svhn_paper_split: bool = False,
+            svhn_train_examples: int = SVHN_PAPER_TRAIN_EXAMPLES,
+            svhn_test_examples: int = SVHN_PAPER_TEST_EXAMPLES,
+            shards_per_participant: int = 2) -> tuple[Dataset, np.ndarray]:
   """Loads, partitions and preprocesses the data a run needs.
 
   Args:
-    cfg: any object with the attributes ``dataset``, ``data_source``,
-      ``data_dir``, ``model``, ``partition``, ``dirichlet_alpha``,
-      ``num_participants``, ``samples_per_participant``, ``seed``,
-      ``standardize`` (bool or None: the dataset's default),
-      ``svhn_paper_split`` and ``svhn_test_examples``; optionally
-      ``svhn_train_examples`` (default 100,000) and ``shards_per_participant``
-      (default 2).
+    dataset: a name of :data:`DATASETS`.
+    num_participants, samples_per_participant: N and n.
+    model: the model name (its preprocessing, e.g. 32x32 padding).
+    seed: the partition's seed.
+    data_source, data_dir: where the data comes from (:func:`load_dataset`).
+    partition, dirichlet_alpha, shards_per_participant: the partition
+      (:func:`make_partition`).
+    standardize: bool, or None for the dataset's default.
+    svhn_paper_split, svhn_train_examples, svhn_test_examples: SVHN as the
+      paper.
 
   Returns:
     ``(dataset, parts)``: the preprocessed :class:`Dataset` and int32 indices
@@ -65,29 +78,21 @@ def prepare(cfg) -> tuple[Dataset, np.ndarray]:
   Raises:
     DataError: one sentence naming the flag or file that is wrong.
 
-  >>> import types
-  >>> cfg = types.SimpleNamespace(
-  ...     dataset="digits", data_source="auto", data_dir=None,
-  ...     model="digits_cnn", partition="iid", dirichlet_alpha=0.5,
-  ...     num_participants=10, samples_per_participant=100, seed=0,
-  ...     standardize=None, svhn_paper_split=False, svhn_test_examples=10000)
-  >>> ds, parts = prepare(cfg)
+  >>> ds, parts = prepare("digits", num_participants=10,
+  ...                     samples_per_participant=100, model="digits_cnn")
   >>> ds.train_images.shape, parts.shape
   ((1437, 8, 8, 1), (10, 100))
   """
   ds = load_dataset(
-      cfg.dataset, source=cfg.data_source, data_dir=cfg.data_dir,
-      svhn_paper_split=bool(cfg.svhn_paper_split),
-      svhn_train_examples=getattr(cfg, "svhn_train_examples",
-                                  SVHN_PAPER_TRAIN_EXAMPLES),
-      svhn_test_examples=getattr(cfg, "svhn_test_examples", None)
-      or SVHN_PAPER_TEST_EXAMPLES)
+      dataset, source=data_source, data_dir=data_dir,
+      svhn_paper_split=bool(svhn_paper_split),
+      svhn_train_examples=svhn_train_examples,
+      svhn_test_examples=svhn_test_examples or SVHN_PAPER_TEST_EXAMPLES)
   # Partition before the (slower) preprocessing so size errors come at once;
   # preprocessing keeps the order of the examples.
   parts = make_partition(
-      cfg.partition, ds.train_labels, cfg.num_participants,
-      cfg.samples_per_participant, cfg.seed,
-      dirichlet_alpha=cfg.dirichlet_alpha,
-      shards_per_participant=getattr(cfg, "shards_per_participant", 2))
-  ds = preprocess(ds, model=cfg.model, standardize=cfg.standardize)
+      partition, ds.train_labels, num_participants, samples_per_participant,
+      seed, dirichlet_alpha=dirichlet_alpha,
+      shards_per_participant=shards_per_participant)
+  ds = preprocess(ds, model=model, standardize=standardize)
   return ds, parts

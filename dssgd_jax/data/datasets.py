@@ -42,6 +42,10 @@ from dssgd_jax.errors import DataError
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "svhn_cropped", "cifar10")
 SOURCES = ("auto", "tfds", "files")
+# Image shape (height, width, channels) of each dataset as loaded.
+IMAGE_SHAPES = {"digits": (8, 8, 1), "mnist": (28, 28, 1),
+                "fashion_mnist": (28, 28, 1), "svhn_cropped": (32, 32, 3),
+                "cifar10": (32, 32, 3)}
 NUM_CLASSES = 10
 FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 SVHN_SPLIT_SEED = 2015

@@ -30,13 +30,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dssgd_jax import algorithms
 from dssgd_jax import evaluation
 from dssgd_jax import models as models_lib
 from dssgd_jax import participant as participant_lib
+from dssgd_jax import protocols
 from dssgd_jax import server as server_lib
 from dssgd_jax import sharding as sharding_lib
-from dssgd_jax.config import Config
+from dssgd_jax.run import build
+from dssgd_jax.run import events as events_lib
+from dssgd_jax.run.config import Config
 from dssgd_jax.errors import ConfigError, NonFiniteError
 
 CHECKPOINT = "checkpoint.npz"
@@ -60,101 +62,67 @@ class Experiment:
   model: Any
   unravel: Callable
   num_params: int
-  spec: Any
+  protocol: Any                 # protocols.Protocol
+  upload_rule: Any              # rules.UploadRule | None
+  download_rule: Any            # server.DownloadRule
+  axis: Any                     # protocols.ParticipantAxis
   epoch_fn: Callable            # jitted (state, images, labels, key) -> ...
-  init_state: dict              # {"server": ServerState, "local": (P, D)}
+  init_state: dict              # {"server": ServerState, "local": (P, D), ...}
   images: jax.Array             # (P, n, ...) private training data
   labels: jax.Array             # (P, n)
-  evaluate: Callable            # (P', D) -> accuracies
+  evaluate: Callable            # state -> (accuracies, server accuracy)
   test_images: np.ndarray
   test_labels: np.ndarray
   train_key: jax.Array
 
-
-def resolve_conv_impl(cfg: Config | None) -> str:
-  """The convolution lowering for ``--conv_impl=auto``, per backend.
-
-  CPU: ``im2col`` — XLA:CPU's own convolution is about 13x slower here.
-  GPU: ``im2col`` — batched GEMMs, 1.3-4.5x the speed of cuDNN's grouped
-  convolutions under ``vmap`` on an H100. TPU: ``xla`` (grouped convolutions
-  map onto the MXU natively; not measured). Numbers in BENCHMARKS.md.
-  """
-  impl = "auto" if cfg is None else cfg.conv_impl
-  if impl != "auto":
-    return impl
-  return "xla" if jax.default_backend() == "tpu" else "im2col"
+  @property
+  def shares(self) -> bool:
+    """Whether the server model is ever updated."""
+    return self.upload_rule is not None
 
 
-# Models for which ``lax.map`` beats ``vmap`` on XLA:CPU (BENCHMARKS.md): the
-# 5x5 convolutions on 32x32 images, where one participant's step is big
-# enough to use the cores; on the small models ``vmap``'s batching wins.
-CPU_MAP_MODELS = ("mnist_cnn", "svhn_cnn")
-
-
-def resolve_participant_axis(cfg: Config | None, model: str | None = None
-                             ) -> str:
-  """The participant-axis lowering for ``--participant_axis=auto``.
-
-  CPU: ``map`` (``lax.map``) for the 32x32 CNNs of :data:`CPU_MAP_MODELS`
-  (1.1-1.4x the speed of ``vmap``), ``vmap`` for the MLPs and the digits CNN
-  (1.2-3.5x the speed of ``map``). GPU and TPU: ``vmap`` (one batched
-  program keeps the accelerator busy at batch 1). Numbers in BENCHMARKS.md.
-
-  >>> resolve_participant_axis(None, "mnist_mlp")
-  'vmap'
-  """
-  axis = "auto" if cfg is None else cfg.participant_axis
-  if axis != "auto":
-    return axis
-  if model is None and cfg is not None:
-    model = cfg.model
-  if jax.default_backend() == "cpu" and model in CPU_MAP_MODELS:
-    return "map"
-  return "vmap"
+def participant_layout(cfg: Config, images: np.ndarray, labels: np.ndarray,
+                       parts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Each model's private data with a leading model axis: (N, n, ...), or
+  (1, N·n, ...) — the union — for ``centralized``."""
+  if cfg.algorithm == "centralized":
+    union = parts.reshape(1, -1)
+    return images[union], labels[union]
+  return images[parts], labels[parts]
 
 
 def setup(cfg: Config, dataset=None, parts=None) -> Experiment:
-  """Loads data, builds the model, the initial state and the jitted epoch.
+  """Loads data, builds the model, the protocol, the state and the jitted
+  epoch.
 
   Args:
     cfg: a validated config.
     dataset: optional preloaded :class:`~dssgd_jax.data.Dataset` (already
-      preprocessed); by default ``dssgd_jax.data.prepare(cfg)`` loads it.
+      preprocessed); by default :func:`dssgd_jax.run.build.data` loads it.
     parts: optional (N, n) partition indices to go with ``dataset``.
   """
   if dataset is None:
-    from dssgd_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-    dataset, parts = data_lib.prepare(cfg)
+    dataset, parts = build.data(cfg)
   model = models_lib.get_model(cfg.model, dataset.num_classes,
-                               conv_impl=resolve_conv_impl(cfg))
+                               conv_impl=build.resolve_conv_impl(cfg))
   root = jax.random.key(cfg.seed)
   init_key, train_key = jax.random.split(root)
   params = models_lib.init_params(model, dataset.image_shape, init_key)
   flat, unravel = participant_lib.flatten_params(params)
   num_params = int(flat.shape[0])
-  spec = algorithms.exchange_spec(cfg, num_params)
-  images, labels = algorithms.participant_layout(
+  images, labels = participant_layout(
       cfg, dataset.train_images, dataset.train_labels, parts)
   num_models = images.shape[0]
-  place = sharding_lib.placement(cfg, num_models)  # participant axis
-  axis = resolve_participant_axis(cfg)
-  spec = dataclasses.replace(spec, participant_axis=axis, mesh=(
-      place.mesh if axis == "map" else None))
+  place = sharding_lib.placement(num_models, cfg.mesh_shape)
+  lowering = build.resolve_participant_axis(cfg)
+  axis = protocols.ParticipantAxis(
+      lowering, place.mesh if lowering == "map" else None)
+  local_epoch = participant_lib.make_local_epoch(model.apply, unravel,
+                                                 int(cfg.batch_size))
+  proto = build.protocol(cfg, local_epoch, num_params, axis)
   local = jnp.tile(flat[None], (num_models, 1))
-  state = {"server": server_lib.init(flat), "local": local}
-  epoch = algorithms.epoch_function(cfg, model.apply, unravel, spec)
-  if hasattr(epoch, "init_extra"):
-    state["extra"] = epoch.init_extra(state)
-  state = place.put_state(state)
-
-  def epoch_fn(st, imgs, labs, key):
-    extra = st.get("extra")
-    if extra is not None:
-      server, local, stats, extra = epoch(st["server"], st["local"], imgs,
-                                          labs, key, extra)
-      return {"server": server, "local": local, "extra": extra}, stats
-    server, local, stats = epoch(st["server"], st["local"], imgs, labs, key)
-    return {"server": server, "local": local}, stats
+  state = place.put_state(proto.init(server_lib.init(flat), local))
+  upload_rule = build.upload_rule(cfg, num_params)
 
   test_x, test_y = dataset.test_images, dataset.test_labels
   if cfg.eval_examples and cfg.eval_examples < len(test_y):
@@ -171,18 +139,21 @@ def setup(cfg: Config, dataset=None, parts=None) -> Experiment:
     acc = np.asarray(evaluate(st["local"]))
     if cfg.algorithm == "centralized":
       return acc, float(acc[0])  # the one model is also the "server" model
-    if not spec.upload:
-      return acc, None  # standalone: the server is never updated
+    if upload_rule is None:
+      return acc, None  # nothing is shared: the server is never updated
     server_acc = float(np.asarray(server_eval(st["server"].params[None]))[0])
     return acc, server_acc
 
   images, labels = place.put_data(images, labels)
   return Experiment(
-      cfg=cfg, model=model, unravel=unravel, num_params=num_params, spec=spec,
-      epoch_fn=place.jit_epoch(epoch_fn), init_state=state,
+      cfg=cfg, model=model, unravel=unravel, num_params=num_params,
+      protocol=proto, upload_rule=upload_rule,
+      download_rule=build.download_rule(cfg, num_params), axis=axis,
+      epoch_fn=place.jit_epoch(proto.epoch), init_state=state,
       images=images, labels=labels,
       evaluate=evaluate_all, test_images=test_x, test_labels=test_y,
       train_key=train_key)
+
 
 
 # ----------------------------------------------------------------------------
@@ -200,15 +171,24 @@ def _kill_requested(env: str, epoch: int) -> bool:
   return os.environ.get(env) == str(epoch)
 
 
+def _leaf_names(state: Any) -> list[tuple[str, Any]]:
+  """(key path, leaf) of every array of ``state``, e.g. ``['server'].params``."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(state)
+  return [("state" + jax.tree_util.keystr(path), leaf) for path, leaf in flat]
+
+
 def save_checkpoint(path: str, state: Any, epoch: int,
                     train_key: jax.Array | None = None) -> None:
   """Writes ``state`` (a pytree of arrays) and ``epoch`` atomically to path.
 
-  ``train_key`` (the PRNG key epoch keys are folded from) is stored too, so
-  that a resumed run can check it draws the same random numbers.
+  Every array is stored under its key path (``state['server'].params``), so
+  a checkpoint is read back by name, never by position. ``train_key`` (the
+  PRNG key epoch keys are folded from) is stored too, so that a resumed run
+  can check it draws the same random numbers. One ``.npz`` written to a
+  temporary file, fsynced and renamed: a kill at any moment leaves the
+  previous checkpoint whole.
   """
-  leaves, _ = jax.tree_util.tree_flatten(state)
-  arrays = {f"leaf_{i:04d}": np.asarray(x) for i, x in enumerate(leaves)}
+  arrays = {name: np.asarray(x) for name, x in _leaf_names(state)}
   arrays["epoch"] = np.asarray(epoch)
   if train_key is not None:
     arrays["train_key"] = np.asarray(jax.random.key_data(train_key))
@@ -229,24 +209,33 @@ def load_checkpoint(path: str, template: Any,
   """Reads a checkpoint written by :func:`save_checkpoint` into template.
 
   Raises:
-    ConfigError: the file is unreadable, holds other shapes, or was written
-      with another PRNG key (another --seed).
+    ConfigError: the file is unreadable, holds other arrays (names or
+      shapes) than the run's state, or was written with another PRNG key
+      (another --seed).
   """
-  leaves, treedef = jax.tree_util.tree_flatten(template)
+  named = _leaf_names(template)
+  _, treedef = jax.tree_util.tree_flatten(template)
   try:
     with np.load(path) as z:
-      new = [jnp.asarray(z[f"leaf_{i:04d}"], dtype=leaf.dtype)
-             for i, leaf in enumerate(leaves)]
+      stored = {n for n in z.files if n.startswith("state")}
+      want = {n for n, _ in named}
+      if stored != want:
+        diff = sorted(stored ^ want)[0]
+        raise ConfigError(
+            f"{path} holds other state than this run ({diff} is in one and "
+            "not the other); it was written by another version or "
+            "configuration: use a new --workdir.")
+      new = [jnp.asarray(z[n], dtype=leaf.dtype) for n, leaf in named]
       epoch = int(z["epoch"])
       saved_key = z["train_key"] if "train_key" in z.files else None
   except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
     raise ConfigError(f"{path} is not a readable checkpoint ({e}); delete it "
                       "to restart the run from epoch 0, or use a new "
                       "--workdir.") from None
-  for a, b in zip(new, leaves):
+  for (name, b), a in zip(named, new):
     if a.shape != b.shape:
-      raise ConfigError(f"{path} holds arrays of another shape ({a.shape} "
-                        f"vs {b.shape}); use a new --workdir.")
+      raise ConfigError(f"{path} holds {name} of shape {a.shape}, not "
+                        f"{b.shape}; use a new --workdir.")
   if saved_key is not None and train_key is not None and not np.array_equal(
       saved_key, np.asarray(jax.random.key_data(train_key))):
     raise ConfigError(f"{path} was written with another PRNG key (another "
@@ -255,27 +244,29 @@ def load_checkpoint(path: str, template: Any,
 
 
 # ----------------------------------------------------------------------------
-# Privacy accounting.
+# Privacy and cost.
 
 
-def epsilon_spent(cfg: Config, epochs_done: int) -> float | None:
-  """ε per participant after ``epochs_done`` epochs (None: no DP guarantee)."""
-  if cfg.algorithm != "dssgd" or cfg.upload_fraction == 0:
-    return 0.0 if cfg.algorithm == "standalone" or (
-        cfg.algorithm == "dssgd" and cfg.upload_fraction == 0) else None
-  if cfg.noise == "svt":
-    from dssgd_jax import privacy  # pylint: disable=g-import-not-at-top
-    return float(privacy.epsilon_spent(cfg.epsilon, epochs_done))
-  # The Gaussian mechanism covers the released values only; the choice of
-  # indices is covered too only when it does not depend on the data (random
-  # selection, or everything uploaded). Otherwise no ε is claimed.
-  data_independent = cfg.selection == "random" or cfg.upload_fraction >= 1.0
-  if (cfg.noise == "gaussian" and cfg.l2_clip is not None and epochs_done > 0
-      and data_independent):
-    from dssgd_jax import accounting  # pylint: disable=g-import-not-at-top
-    return float(accounting.gaussian_epsilon(
-        cfg.noise_scale / cfg.l2_clip, epochs_done, cfg.delta))
-  return None
+def epsilon_spent(exp: Experiment, epochs_done: int) -> float | None:
+  """ε per participant after ``epochs_done`` epochs, derived from the upload
+  rule that runs (None: no guarantee; :func:`privacy_note` says why)."""
+  return build.claim(exp.cfg, exp.num_params, epochs_done).epsilon
+
+
+def privacy_note(cfg: Config, num_params: int, epochs: int) -> dict:
+  """The run's privacy claim as JSON: ε, δ, and the reason when there is
+  none."""
+  c = build.claim(cfg, num_params, epochs)
+  return {"epsilon": c.epsilon, "delta": c.delta, "no_guarantee": c.reason}
+
+
+def wire_bytes(entries: np.ndarray, num_params: int) -> float:
+  """Mean bytes per participant for ``entries`` (P,) sent each: a dense
+  float32 vector (4·D) when every entry goes, else 8 per (int32 index,
+  float32 value) pair."""
+  entries = np.asarray(entries, np.float64)
+  per = np.where(entries >= num_params, 4.0 * num_params, 8.0 * entries)
+  return float(per.mean())
 
 
 # ----------------------------------------------------------------------------
@@ -343,7 +334,7 @@ def run(cfg: Config, dataset=None, parts=None, log=None) -> dict:
   """Runs (or resumes) an experiment; returns the summary dict.
 
   Args:
-    cfg: a validated :class:`~dssgd_jax.config.Config` with ``workdir`` set.
+    cfg: a validated :class:`~dssgd_jax.run.config.Config` with ``workdir`` set.
     dataset, parts: optional preloaded data (see :func:`setup`).
     log: callable for progress lines (default: print to stderr).
   """
@@ -377,14 +368,14 @@ def run(cfg: Config, dataset=None, parts=None, log=None) -> dict:
 
   num_models = int(exp.images.shape[0])
   if cfg.progress and start < cfg.epochs:
-    mesh = exp.spec.mesh
+    mesh = exp.axis.mesh
     log(f"[{cfg.algorithm}] {num_models} model(s) x {exp.num_params:,} "
-        f"parameters, protocol {cfg.protocol}, participant axis "
-        f"{exp.spec.participant_axis}, {jax.device_count()} "
+        f"parameters, protocol {exp.protocol.name}, participant axis "
+        f"{exp.axis.lowering}, {jax.device_count()} "
         f"{jax.default_backend()} device(s)"
         + ("" if mesh is None else f" (participants split over {mesh.size})"))
   elapsed = rows[-1]["elapsed_s"] if rows else 0.0
-  tb = _tensorboard_writer(workdir)
+  tb = events_lib.open_writer(workdir, resume_epoch=start)
   epoch_times = []
   for epoch in range(start + 1, cfg.epochs + 1):
     t0 = time.time()
@@ -410,17 +401,19 @@ def run(cfg: Config, dataset=None, parts=None, log=None) -> dict:
     else:
       row.update(participant_accuracy_mean=None, participant_accuracy_min=None,
                  participant_accuracy_max=None, server_accuracy=None)
-    up = float(np.mean(np.asarray(stats.uploaded)))
-    down = float(np.mean(np.asarray(stats.downloaded)))
+    up_each = np.asarray(stats.uploaded)
+    down_each = np.asarray(stats.downloaded)
+    up, down = float(up_each.mean()), float(down_each.mean())
     wall = time.time() - t0
     elapsed += wall
     row.update(
         train_loss=float(losses.mean()),
         uploaded_entries=up,
         downloaded_entries=down,
-        bytes_up=algorithms.uploaded_bytes(exp.spec, up, exp.num_params),
-        bytes_down=algorithms.downloaded_bytes(exp.spec, down, exp.num_params),
-        epsilon_spent=epsilon_spent(cfg, epoch),
+        bytes_up=wire_bytes(up_each, exp.num_params),
+        bytes_down=wire_bytes(down_each, exp.num_params),
+        lost_uploads=int(np.sum(np.asarray(stats.upload_lost))),
+        epsilon_spent=epsilon_spent(exp, epoch),
         num_models=num_models,
         num_params=exp.num_params,
         wall_time_s=wall,
@@ -431,7 +424,7 @@ def run(cfg: Config, dataset=None, parts=None, log=None) -> dict:
       f.flush()
       os.fsync(f.fileno())
     if tb is not None:
-      tb(epoch, row)
+      tb.write(epoch, row)
     if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
       save_checkpoint(ckpt_path, state, epoch, exp.train_key)
     epoch_times.append(wall)
@@ -439,7 +432,10 @@ def run(cfg: Config, dataset=None, parts=None, log=None) -> dict:
       log(_progress_line(cfg, row, epoch_times))
     if _kill_requested(KILL_AFTER_EPOCH_ENV, epoch):
       os._exit(KILLED_EXIT)  # pylint: disable=protected-access
+  if tb is not None:
+    tb.close()
   summary = summarize(cfg, rows)
+  summary["privacy"] = privacy_note(cfg, exp.num_params, summary["epochs"])
   with open(os.path.join(workdir, SUMMARY), "w") as f:
     json.dump(summary, f, indent=2)
   _draw_figures(workdir, log)
@@ -498,14 +494,3 @@ def summarize(cfg: Config, rows: list[dict]) -> dict:
       "epsilon_spent": rows[-1]["epsilon_spent"] if rows else None,
       "elapsed_s": rows[-1]["elapsed_s"] if rows else 0.0,
   }
-
-
-def _tensorboard_writer(workdir: str):
-  """A ``(step, row) -> None`` TensorBoard scalar writer, or None."""
-  try:
-    from dssgd_jax import tb_events  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return None
-  return tb_events.make_writer(workdir)
-
-
