@@ -15,6 +15,10 @@ Usage::
   python -m dssgd_jax.audit WORKDIR            # prints the figures and
                                                 # writes WORKDIR/audit.json
 
+If ``audit.json`` cannot be written (e.g. a read-only directory) the figures
+are still printed, then one ``error:`` line naming the file and the reason,
+and the exit status is 2.
+
 Attacks (the score is higher for "more likely a member"):
 
 * ``loss`` — the loss-threshold attack of Yeom et al., "Privacy Risk in Machine
@@ -573,14 +577,35 @@ def audit_run(workdir: str, attacks: Sequence[str] = ATTACKS, seed: int = 0,
       "server": server,
   }
   if write:
-    path = os.path.join(workdir, AUDIT_FILE)
-    try:
-      with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-      os.replace(path + ".tmp", path)
-    except OSError as e:
-      raise AuditError(f"Cannot write {path}: {e.strerror}.") from None
+    write_result(workdir, result)
   return result
+
+
+def write_result(workdir: str, result: dict) -> str:
+  """Writes an :func:`audit_run` result to ``workdir/audit.json``.
+
+  The JSON goes to ``audit.json.tmp`` first and replaces ``audit.json`` only
+  once complete, so a failed write leaves a previous ``audit.json`` as it was.
+
+  Returns:
+    The path written.
+
+  Raises:
+    AuditError: the file cannot be written (its path and the reason).
+  """
+  path = os.path.join(workdir, AUDIT_FILE)
+  tmp = path + ".tmp"
+  try:
+    with open(tmp, "w") as f:
+      json.dump(result, f, indent=2)
+    os.replace(tmp, path)
+  except OSError as e:
+    try:
+      os.remove(tmp)
+    except OSError:
+      pass
+    raise AuditError(f"Cannot write {path}: {e.strerror or e}.") from None
+  return path
 
 
 def _peek_config(workdir: str):
@@ -677,9 +702,13 @@ def main(argv):
   with cli.user_errors():
     result = audit_run(argv[1], attacks=fv.attacks, seed=fv.audit_seed,
                        max_examples=fv.max_examples or None,
-                       allow_unfinished=fv.allow_unfinished)
-  print(format_report(result))
-  print(f"Wrote {os.path.join(argv[1], AUDIT_FILE)}")
+                       allow_unfinished=fv.allow_unfinished, write=False)
+  # The report first: when audit.json cannot be written (a read-only
+  # directory) what was computed is still shown, then the one-line error.
+  print(format_report(result), flush=True)
+  with cli.user_errors():
+    path = write_result(argv[1], result)
+  print(f"Wrote {path}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,10 @@ Usage::
 It only reads ``metrics.jsonl`` (a torn last line of a running experiment is
 ignored), ``config.json`` and ``reproduce.json``, so it can be run at any time
 while the experiment is still going. Figures are drawn with matplotlib's Agg
-backend (no display needed).
+backend (no display needed). Each figure is written to a temporary file that
+replaces the old one only when complete; a file that cannot be written (e.g. a
+read-only directory) ends the command with one ``error:`` line naming it and
+the reason, exit status 2, and leaves the files already there as they were.
 """
 
 import json
@@ -42,6 +45,11 @@ RUN_FIGURE = "accuracy.png"
 RUN_BYTES_FIGURE = "accuracy_vs_bytes.png"
 SWEEP_FIGURE = "figure.png"
 SWEEP_BYTES_FIGURE = "figure_bytes.png"
+
+
+class PlotError(UserError):
+  """The figures cannot be drawn: nothing to plot, or a file cannot be
+  written."""
 
 
 def define_flags() -> None:
@@ -129,6 +137,31 @@ def _human_bytes(x: float) -> str:
   return f"{x:.3g} TB"
 
 
+def _save(plt, fig, path: str, dpi: int) -> str:
+  """Writes ``fig`` as the PNG file ``path`` and closes it; returns ``path``.
+
+  The figure goes to ``path.tmp`` first and replaces ``path`` only once it
+  is complete, so a failed write (a read-only directory, a full disk) leaves
+  the previous figure as it was.
+
+  Raises:
+    PlotError: the file cannot be written (its path and the reason).
+  """
+  tmp = path + ".tmp"
+  try:
+    fig.savefig(tmp, dpi=dpi, format="png")
+    os.replace(tmp, path)
+  except OSError as e:
+    try:
+      os.remove(tmp)
+    except OSError:
+      pass
+    raise PlotError(f"Cannot write {path}: {e.strerror or e}.") from None
+  finally:
+    plt.close(fig)
+  return path
+
+
 def _integer_ticks(ax) -> None:
   from matplotlib.ticker import MaxNLocator  # pylint: disable=g-import-not-at-top
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -153,7 +186,7 @@ def plot_run(rundir: str, dpi: int = 120) -> list[str]:
   """Draws a single run's figures into ``rundir``; returns their paths."""
   rows = read_metrics(rundir)
   if not rows:
-    raise UserError(f"{os.path.join(rundir, METRICS)} has no complete epoch "
+    raise PlotError(f"{os.path.join(rundir, METRICS)} has no complete epoch "
                     "yet; nothing to plot.")
   cfg = read_config(rundir)
   plt = _pyplot()
@@ -186,10 +219,7 @@ def plot_run(rundir: str, dpi: int = 120) -> list[str]:
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    path = os.path.join(rundir, name)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    paths.append(path)
+    paths.append(_save(plt, fig, os.path.join(rundir, name), dpi))
   return paths
 
 
@@ -230,7 +260,7 @@ def plot_sweep(workdir: str, manifest: dict | None = None, dpi: int = 120
     manifest = read_manifest(workdir)
   runs = manifest["runs"]
   if not runs:
-    raise UserError(f"{workdir} holds no runs (no metrics.jsonl, config.json "
+    raise PlotError(f"{workdir} holds no runs (no metrics.jsonl, config.json "
                     "or reproduce.json); nothing to plot.")
   plt = _pyplot()
   columns = manifest["columns"]
@@ -293,21 +323,18 @@ def plot_sweep(workdir: str, manifest: dict | None = None, dpi: int = 120
     if title:
       fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1 - legend_w / (5.2 * ncol + legend_w), 1))
-    path = os.path.join(workdir, name)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    paths.append(path)
+    paths.append(_save(plt, fig, os.path.join(workdir, name), dpi))
   return paths
 
 
 def plot(workdir: str, dpi: int = 120) -> list[str]:
   """Redraws the figures of a run or sweep directory; returns their paths."""
   if not os.path.isdir(workdir):
-    raise UserError(f"{workdir} is not a directory.")
+    raise PlotError(f"{workdir} is not a directory.")
   if os.path.exists(os.path.join(workdir, METRICS)):
     return plot_run(workdir, dpi)
   if os.path.exists(os.path.join(workdir, CONFIG)):
-    raise UserError(f"{os.path.join(workdir, METRICS)} does not exist yet; "
+    raise PlotError(f"{os.path.join(workdir, METRICS)} does not exist yet; "
                     "nothing to plot.")
   return plot_sweep(workdir, dpi=dpi)
 
