@@ -47,6 +47,20 @@ MODELS = {"svhn_cnn": _svhn_cnn, "mnist_cnn": _mnist_cnn,
           "mnist_mlp": _mnist_mlp}
 
 
+def _download(server, params):
+  """Copies the server vector into the model's parameters (θd = 1).
+
+  A copy, not ``vector_to_parameters(server, params)``: that makes every
+  parameter a view of ``server``, so the local epoch would write into the
+  server vector itself and Δw (local - server) would be exactly zero.
+  """
+  offset = 0
+  for p in params:
+    n = p.numel()
+    p.copy_(server[offset:offset + n].view_as(p))
+    offset += n
+
+
 class TorchDSSGD:
   """P participants' models, their data, a server vector, one epoch at a time.
 
@@ -83,6 +97,8 @@ class TorchDSSGD:
     self.count = min(self.d, math.ceil(upload_fraction * self.d - 1e-9))
     self.loss_fn = nn.CrossEntropyLoss()
     self.gen = torch.Generator().manual_seed(seed)
+    # The last epoch's uploads, one (indices, values) pair per participant.
+    self.last_uploads = []
 
   def epoch(self) -> float:
     """One DSSGD epoch (parallel protocol semantics); returns seconds."""
@@ -92,8 +108,8 @@ class TorchDSSGD:
     for i in range(self.num):
       model, params = self.models[i], self.params[i]
       with torch.no_grad():
-        torch.nn.utils.vector_to_parameters(self.server, params)  # download
-      before = self.server
+        _download(self.server, params)
+      before = self.server  # not written by the local epoch: params are copies
       perm = torch.randperm(n, generator=self.gen).to(self.device)
       for s in range(0, n, self.batch_size):
         idx = perm[s:s + self.batch_size]
@@ -114,6 +130,7 @@ class TorchDSSGD:
       for top, vals in updates:
         server.index_add_(0, top, vals)
       self.server = server
+    self.last_uploads = updates
     if self.device.type == "cuda":
       torch.cuda.synchronize()
     return time.perf_counter() - t0
