@@ -173,6 +173,22 @@ CONV_IMPLS = ("im2col", "xla")
 MODELS_32X32 = ("mnist_cnn", "svhn_cnn")
 
 
+def abstract_num_params(name: str, image_shape: Sequence[int]) -> int:
+  """D of model ``name`` on images of ``image_shape`` (as :func:`fits`
+  pads them), computed abstractly: no backend starts.
+
+  >>> abstract_num_params("digits_mlp", (8, 8, 1))
+  4810
+  """
+  h, w, c = image_shape
+  if name in MODELS_32X32 and (h, w) == (28, 28):
+    h, w = 32, 32
+  model = get_model(name)
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x),
+                          jax.ShapeDtypeStruct((1, h, w, c), jnp.float32))
+  return sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(shapes))
+
+
 def fits(name: str, image_shape: Sequence[int]) -> bool:
   """Whether model ``name`` can take images of ``image_shape`` (as loaded;
   28x28 images are padded to 32x32 for the 32x32 models). Checked by

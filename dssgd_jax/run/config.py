@@ -246,7 +246,9 @@ def consumed_flags(cfg: Config) -> dict[str, str]:
            "which uploads every entry of its update")
     unused(["download_fraction", "download_rule", "stat_decay",
             "decay_every"], "which downloads every entry of w_g")
-    unused(["staleness", "max_staleness"], "which runs in synchronous rounds")
+    unused(["protocol", "staleness", "max_staleness"],
+           "which runs in synchronous parallel rounds")
+    unused(["epsilon"], "which has no sparse vector technique (--noise=svt)")
     if cfg.noise != "gaussian":
       unused(["noise_scale", "delta"], f"and --noise={cfg.noise}")
     return why
@@ -279,6 +281,8 @@ def consumed_flags(cfg: Config) -> dict[str, str]:
   if resolved_download_rule(cfg) != "most_updated":
     unused(["stat_decay", "decay_every"], "and downloads that are not "
            "most_updated (the update counters choose nothing)")
+  elif cfg.stat_decay == 1:
+    unused(["decay_every"], "and --stat_decay=1 (nothing decays)")
   return why
 
 
@@ -393,6 +397,7 @@ def validate(cfg: Config) -> Config:
   _check_data(cfg)
   _check_exchange(cfg)
   _reject_unconsumed(cfg)
+  _check_delta(cfg)
   if cfg.process_id >= cfg.num_processes:
     raise ConfigError(f"--process_id={cfg.process_id} must be below "
                       f"--num_processes={cfg.num_processes}.")
@@ -439,10 +444,13 @@ def _check_exchange(cfg: Config) -> None:
           f"--download_rule=all downloads every entry, which contradicts "
           f"--download_fraction={cfg.download_fraction}; use most_updated "
           "or random (or leave --download_rule at auto).")
-    if cfg.download_rule in ("most_updated", "random") and (
-        cfg.download_fraction == 0):
-      raise ConfigError(f"--download_rule={cfg.download_rule} needs "
-                        "--download_fraction > 0.")
+    if cfg.download_rule in ("most_updated", "random") and not (
+        0 < cfg.download_fraction < 1):
+      raise ConfigError(
+          f"--download_rule={cfg.download_rule} chooses which entries to "
+          f"download, but --download_fraction={cfg.download_fraction} "
+          f"{'downloads nothing' if cfg.download_fraction == 0 else 'takes every entry'}"
+          "; set --download_fraction between 0 and 1.")
   if alg == "fedavg" and cfg.noise not in ("none", "gaussian"):
     raise ConfigError(
         f"--noise={cfg.noise} is not available with --algorithm=fedavg, "
@@ -451,6 +459,10 @@ def _check_exchange(cfg: Config) -> None:
   if alg == "fedavg" and cfg.protocol not in ("round_robin", "parallel"):
     raise ConfigError(f"--algorithm=fedavg runs parallel rounds, not "
                       f"--protocol={cfg.protocol}.")
+  if alg == "dssgd" and cfg.protocol == "async" and cfg.max_staleness == 0:
+    raise ConfigError("--protocol=async with --max_staleness=0 runs exactly "
+                      "--protocol=parallel; set --max_staleness to 1 or more "
+                      "(or use --protocol=parallel).")
   if alg in ("standalone", "centralized") and cfg.protocol == "async":
     raise ConfigError(f"--protocol=async has no effect with --algorithm="
                       f"{alg}, which shares nothing.")
@@ -466,6 +478,21 @@ def _check_exchange(cfg: Config) -> None:
     if cfg.clip_bound is None:
       raise ConfigError("--noise=svt needs --clip_bound (γ): the SVT "
                         "sensitivity is 2γ.")
+
+
+def _check_delta(cfg: Config) -> None:
+  """--delta is read only where the claim is an (ε, δ) one (Gaussian)."""
+  if cfg.delta == DEFAULTS.delta:
+    return
+  from dssgd_jax.run import build  # pylint: disable=g-import-not-at-top
+  d = models.abstract_num_params(cfg.model,
+                                 datasets_lib.IMAGE_SHAPES[cfg.dataset])
+  claim = build.claim(cfg, d, 1)
+  if claim.event is None or claim.delta == 0:
+    why = (f"which gives no guarantee: {claim.reason}" if claim.reason
+           else "whose guarantee is pure ε-DP")
+    raise ConfigError(f"--delta={cfg.delta} has no effect: this run's "
+                      f"upload rule is {build.upload_rule(cfg, d)!r}, {why}")
 
 
 # ----------------------------------------------------------------------------
