@@ -7,6 +7,7 @@ traceback.
 
 import contextlib
 import os
+import re
 import sys
 
 from absl import flags
@@ -21,17 +22,72 @@ def fail(message: str, status: int = 2):
   sys.exit(status)
 
 
+HELP_ARGS = ("--help", "-help", "-h", "--helpshort", "-?", "--helpfull")
+
+
+def help_text(doc: str | None = None) -> str:
+  """``--help``: the program's docstring, then its flags by concern (the run
+  flags in their groups: data, model and training, sharing, privacy,
+  protocol, evaluation and checkpoints, devices; then the tool's own)."""
+  from dssgd_jax.run import config as config_lib  # pylint: disable=g-import-not-at-top
+  by_module = flags.FLAGS.flags_by_module_dict()
+  sections = [(f"dssgd_jax ({g})", g) for g in config_lib.GROUPS]
+  sections += [(m, "options of this command") for m in by_module
+               if not m.startswith(("absl", "dssgd_jax ("))]
+  lines = [(doc or "").strip(), ""]
+  for module, title in sections:
+    fl = sorted(by_module.get(module, []), key=lambda f: f.name)
+    if not fl:
+      continue
+    lines.append(f"{title}:")
+    for f in fl:
+      default = "" if f.default is None else f"={f.default_as_str.strip(chr(39))}"
+      lines.append(f"  --{f.name}{default}")
+      lines.append(f"      {' '.join(f.help.split())}")
+    lines.append("")
+  lines.append("--flagfile=FILE reads flags from a file (one per line); a flag "
+               "given after it overrides the file.")
+  return "\n".join(lines)
+
+
+def _bad_value(e: Exception) -> str:
+  """absl's "flag --x=v: <parser message>" as one plain sentence."""
+  text = " ".join(str(e).split())
+  m = re.match(r"flag --(\w+)=(.*?): ", text)
+  if not m or m.group(1) not in flags.FLAGS:
+    return text
+  name, value = m.groups()
+  fl = flags.FLAGS[name]
+  kind = fl.flag_type()
+  if kind == "int":
+    return f"--{name}={value} is not an integer."
+  if kind == "float":
+    return f"--{name}={value} is not a number."
+  if kind == "bool":
+    return f"--{name}={value} is not true or false."
+  if getattr(fl.parser, "enum_values", None):
+    return (f"--{name}={value!r} is not one of: "
+            f"{', '.join(fl.parser.enum_values)}.")
+  return text
+
+
 def parse_flags(argv):
   """absl flag parsing that reports a bad flag in one line (exit 2).
 
-  Also quiets absl's INFO logging (e.g. JAX probing for absent TPU/GPU
-  backends); pass ``--verbosity=0`` to see it again.
+  ``--help`` prints :func:`help_text` and exits 0. Also quiets absl's INFO
+  logging (e.g. JAX probing for absent TPU/GPU backends); pass
+  ``--verbosity=0`` to see it again.
   """
+  if any(a in HELP_ARGS for a in argv[1:]):
+    print(help_text(getattr(sys.modules.get("__main__"), "__doc__", None)))
+    sys.exit(0)
   try:
     rest = flags.FLAGS(argv)
   except flags.CantOpenFlagFileError as e:
     reason = str(e).split("Unable to open flagfile:", 1)[-1].strip()
     fail(f"--flagfile cannot be read: {reason}")
+  except flags.IllegalFlagValueError as e:
+    fail(_bad_value(e))
   except flags.Error as e:
     fail(" ".join(str(e).split()))
   if not flags.FLAGS["verbosity"].present:
@@ -41,11 +97,15 @@ def parse_flags(argv):
 
 @contextlib.contextmanager
 def user_errors():
-  """Turns UserError into one line on stderr and exit status 2."""
+  """Turns UserError into one line on stderr and its exit status (2; 130 for
+  an interrupt), and Ctrl-C anywhere else into one line and status 130."""
   try:
     yield
   except UserError as e:
-    fail(str(e))
+    fail(str(e), e.exit_status)
+  except KeyboardInterrupt:
+    fail("Interrupted before the first epoch finished; rerun the same "
+         "command to start again.", 130)
 
 
 def reject_positional(argv) -> None:
@@ -80,8 +140,8 @@ def setup_devices(cfg) -> None:
                                process_id=cfg.process_id)
 
 
-def summary_text(summary: dict) -> str:
-  """A short human summary of a finished run."""
+def summary_text(summary: dict, workdir: str | None = None) -> str:
+  """A short human summary of a finished run (and where its files are)."""
   def f(x):
     return "n/a" if x is None else f"{x:.4f}"
   eps = summary.get("epsilon_spent")
@@ -92,4 +152,7 @@ def summary_text(summary: dict) -> str:
           f"{f(summary['final_server_accuracy'])}, best mean "
           f"{f(summary['best_participant_accuracy_mean'])}, epsilon "
           f"{'n/a' if eps is None else f'{eps:.4g}'}, "
-          f"{summary['elapsed_s']:.1f}s")
+          f"{summary['elapsed_s']:.1f}s" + ("" if workdir is None else (
+              f"\nFiles in {workdir}: metrics.jsonl (one line per epoch), "
+              "summary.json, accuracy.png, accuracy_vs_bytes.png, "
+              f"checkpoint.npz; TensorBoard: tensorboard --logdir {workdir}")))

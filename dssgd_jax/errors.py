@@ -9,7 +9,11 @@ traceback.
 
 
 class UserError(Exception):
-  """An error caused by user input; its message is shown without a traceback."""
+  """An error caused by user input; its message is shown without a traceback.
+
+  ``exit_status`` is the command's exit status (2; 130 for an interrupt).
+  """
+  exit_status = 2
 
 
 class ConfigError(UserError):
@@ -22,3 +26,8 @@ class DataError(UserError):
 
 class NonFiniteError(UserError):
   """Training produced a non-finite loss."""
+
+
+class Interrupted(UserError):
+  """The user pressed Ctrl-C; the message names the last checkpoint."""
+  exit_status = 130

@@ -30,7 +30,7 @@ def main(argv):
     cli.setup_devices(cfg)
     from dssgd_jax.run import experiment  # pylint: disable=g-import-not-at-top
     summary = experiment.run(cfg)
-  print(cli.summary_text(summary))
+  print(cli.summary_text(summary, cfg.workdir))
 
 
 if __name__ == "__main__":

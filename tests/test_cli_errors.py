@@ -65,6 +65,27 @@ BAD_FLAGS = [
     (["--no_such_flag=1"], "no_such_flag"),
     (["--flagfile=/no/such/preset.cfg"], "/no/such/preset.cfg"),
     (["leftover_argument"], "leftover_argument"),
+    # Issue "Runs that never crash": each of these was a traceback.
+    (["--model=mnist_cnn"], "--model=mnist_cnn"),
+    (["--model=svhn_cnn"], "--dataset=digits"),
+    (["--seed=-1"], "--seed"),
+    (["--seed=100000000000000000000"], "--seed"),
+    (["--learning_rate=inf"], "must be finite"),
+    (["--learning_rate=nan"], "must be finite"),
+    (["--eval_examples=100000"], "--eval_examples"),
+    (["--progress=maybe"], "--progress"),
+    (["--epochs=1.5"], "--epochs"),
+    # Issue "Every flag means what it says": unread flags are rejected.
+    (["--download_fraction=0.1", "--download_rule=all"], "--download_rule"),
+    (["--noise=svt", "--epsilon=1", "--clip_bound=0.1", "--l2_clip=1"],
+     "--l2_clip"),
+    (["--staleness=uniform"], "--staleness"),
+    (["--protocol=async"], "--max_staleness"),
+    (["--algorithm=fedavg", "--upload_fraction=0.5"], "--upload_fraction"),
+    (["--algorithm=fedavg", "--noise=svt", "--epsilon=1", "--clip_bound=1"],
+     "--noise=svt"),
+    (["--decay_every=2"], "--decay_every"),
+    (["--delta=1e-6"], "--delta"),
     # Contradicting the finished run in --workdir (not resumable changes).
     (["--seed=1"], "--seed"),
     (["--algorithm=standalone"], "--algorithm"),
@@ -126,6 +147,60 @@ def test_bad_flag(flags, must_contain, finished_run):
   out = _cli([*BASE, f"--workdir={finished_run}", *flags])
   _assert_one_line_error(out, must_contain)
   assert _snapshot(finished_run) == before
+
+
+def test_epochs_below_what_the_workdir_holds(finished_run):
+  before = _snapshot(finished_run)
+  out = _cli([*BASE, f"--workdir={finished_run}", "--epochs=1"])
+  _assert_one_line_error(out, "Nothing was run")
+  assert "--epochs=1" in out.stderr and "2 epochs" in out.stderr
+  assert _snapshot(finished_run) == before
+
+
+def test_unwritable_workdir():
+  # /proc/self exists but nothing can be created in it, even by root.
+  _assert_one_line_error(_cli([*BASE, "--workdir=/proc/self"]),
+                         "--workdir=/proc/self")
+
+
+def test_workdir_without_a_completed_epoch_accepts_new_flags(tmp_path):
+  # A run that failed in epoch 1 (no checkpoint) holds nothing to protect:
+  # the corrected command runs there.
+  out = _cli([*BASE, f"--workdir={tmp_path}", "--learning_rate=1e12"])
+  _assert_one_line_error(out, "Epoch 1")
+  out = _cli([*BASE, f"--workdir={tmp_path}", "--epochs=1"])
+  assert out.returncode == 0, out.stderr
+  with open(tmp_path / "config.json") as f:
+    assert json.load(f)["learning_rate"] == 0.1
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
+  # SIGINT while epochs run: one line naming the last checkpoint, status 130,
+  # and the same command resumes.
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  flags = [*BASE, f"--workdir={tmp_path}", "--epochs=100000", "--progress"]
+  proc = subprocess.Popen([sys.executable, "-m", "dssgd_jax.main", *flags],
+                          cwd=REPO, env=_ENV or dict(os.environ, JAX_PLATFORMS="cpu"),
+                          stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  while time.time() < deadline and not (tmp_path / "checkpoint.npz").exists():
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGINT)
+  try:
+    _, err = proc.communicate(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 130, err[-2000:]
+  assert "Traceback" not in err
+  last = err.strip().splitlines()[-1]
+  assert last.startswith("error: Interrupted during epoch "), last
+  assert "the last checkpoint" in last and "rerun the same command" in last
+  with open(tmp_path / "metrics.jsonl") as f:
+    epochs = [json.loads(l)["epoch"] for l in f]
+  assert epochs == list(range(1, len(epochs) + 1))
 
 
 def test_missing_workdir():

@@ -96,28 +96,55 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_on_localhost_match_one_process(tmp_path):
+def _two_processes(workdir, epochs, extra_env=None):
+  """Runs ``python -m dssgd_jax.main`` as two processes on 127.0.0.1 that
+  share one work directory; returns their (returncode, stderr)."""
   flags = ["--dataset=digits", "--model=digits_mlp", "--num_participants=8",
            "--samples_per_participant=16", "--batch_size=8",
-           "--learning_rate=0.1", "--upload_fraction=0.2", "--epochs=2",
+           "--learning_rate=0.1", "--upload_fraction=0.2", f"--epochs={epochs}",
            "--eval_examples=100", "--seed=1", "--protocol=parallel",
            "--noprogress"]
   port = _free_port()
   procs = []
   for pid in range(2):
+    env = _env(2)
+    env.update(extra_env or {})
     procs.append(subprocess.Popen(
         [sys.executable, "-m", "dssgd_jax.main", *flags,
-         f"--workdir={tmp_path / f'p{pid}'}",
+         f"--workdir={workdir}",
          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
          f"--process_id={pid}"],
-        env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True))
-  for p in procs:
-    _, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err[-3000:]
+  out = []
+  try:
+    for p in procs:
+      _, err = p.communicate(timeout=300)
+      out.append((p.returncode, err))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  return out
+
+
+def test_two_processes_share_one_workdir_and_resume(tmp_path):
+  # Only process 0 writes: one row per epoch, one readable checkpoint; a
+  # two-process run killed after epoch 2 and resumed equals one process.
+  shared = tmp_path / "shared"
+  for code, err in _two_processes(
+      shared, 3, {experiment.KILL_AFTER_EPOCH_ENV: "2"}):
+    assert code == experiment.KILLED_EXIT, err[-3000:]
+  with np.load(shared / "checkpoint.npz") as z:
+    assert int(z["epoch"]) == 2
+  assert [json.loads(l)["epoch"] for l in (shared / "metrics.jsonl").open()
+          ] == [1, 2]
+  for code, err in _two_processes(shared, 3):
+    assert code == 0, err[-3000:]
+  assert not list(shared.glob("*.tmp"))
   single = config_lib.validate(config_lib.Config(
       **{**_COMMON, "model": "digits_mlp", "protocol": "parallel",
-         "workdir": str(tmp_path / "single")}))
+         "epochs": 3, "workdir": str(tmp_path / "single")}))
   experiment.run(single, log=lambda m: None)
 
   def metrics(d):
@@ -127,17 +154,15 @@ def test_two_processes_on_localhost_match_one_process(tmp_path):
         r.pop(k, None)
     return rows
 
-  ref = metrics("single")
-  for d in ("p0", "p1"):
-    got = metrics(d)
-    assert len(got) == len(ref)
-    for a, b in zip(got, ref):
-      assert a.keys() == b.keys()
-      for k in a:
-        if isinstance(b[k], float):
-          assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
-        else:
-          assert a[k] == b[k], k
+  ref, got = metrics("single"), metrics("shared")
+  assert [r["epoch"] for r in got] == [1, 2, 3]
+  for a, b in zip(got, ref):
+    assert a.keys() == b.keys()
+    for k in a:
+      if isinstance(b[k], float):
+        assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
+      else:
+        assert a[k] == b[k], k
 
 
 def test_mesh_size():

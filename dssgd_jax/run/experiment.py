@@ -18,6 +18,7 @@ keys are ``fold_in(train_key, epoch)``, so a resumed run draws the same random
 numbers and produces the same metrics as an uninterrupted one.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -39,7 +40,7 @@ from dssgd_jax import sharding as sharding_lib
 from dssgd_jax.run import build
 from dssgd_jax.run import events as events_lib
 from dssgd_jax.run.config import Config
-from dssgd_jax.errors import ConfigError, NonFiniteError
+from dssgd_jax.errors import ConfigError, Interrupted, NonFiniteError
 
 CHECKPOINT = "checkpoint.npz"
 METRICS = "metrics.jsonl"
@@ -299,8 +300,14 @@ def _write_lines(path: str, rows: list[dict]) -> None:
 
 
 def _check_config(workdir: str, cfg: Config) -> None:
+  """Refuses flags that differ from those of the run a work directory holds.
+
+  A directory without a checkpoint holds no completed epoch (a run that failed
+  before its first checkpoint): nothing to protect, any flags are accepted.
+  """
   path = os.path.join(workdir, CONFIG)
-  if not os.path.exists(path):
+  if not os.path.exists(path) or not os.path.exists(
+      os.path.join(workdir, CHECKPOINT)):
     return
   try:
     with open(path) as f:
@@ -330,13 +337,53 @@ def _is_eval_epoch(cfg: Config, epoch: int) -> bool:
   return epoch % cfg.eval_every == 0 or epoch == cfg.epochs
 
 
+@contextlib.contextmanager
+def _writing(path: str):
+  """Turns a failed write of ``path`` into one sentence (exit status 2)."""
+  try:
+    yield
+  except OSError as e:
+    raise ConfigError(f"{path} cannot be written ({e.strerror or e}); "
+                      "check --workdir.") from None
+
+
+def _check_writable(workdir: str) -> None:
+  """Fails before any work if nothing can be written in ``workdir``."""
+  probe = os.path.join(workdir, f".write_test_{os.getpid()}")
+  try:
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f"--workdir={workdir} cannot be written "
+                      f"({e.strerror or e}).") from None
+
+
+def _write_json(path: str, text: str) -> None:
+  with _writing(path):
+    with open(path + ".tmp", "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
 def run(cfg: Config, dataset=None, parts=None, log=None) -> dict:
   """Runs (or resumes) an experiment; returns the summary dict.
+
+  In a multi-process run every process computes and only process 0 writes
+  (config, metrics, events, checkpoints, summary, figures); the others read
+  the checkpoint to resume.
 
   Args:
     cfg: a validated :class:`~dssgd_jax.run.config.Config` with ``workdir`` set.
     dataset, parts: optional preloaded data (see :func:`setup`).
     log: callable for progress lines (default: print to stderr).
+
+  Raises:
+    ConfigError: the work directory cannot be written, holds another run, or
+      holds more epochs than ``--epochs``.
+    Interrupted: Ctrl-C (one sentence naming the last checkpoint).
   """
   if log is None:
     def log(msg):
@@ -345,11 +392,16 @@ def run(cfg: Config, dataset=None, parts=None, log=None) -> dict:
     raise ConfigError("--workdir is required: the directory where the run "
                       "writes its config, metrics and checkpoints.")
   workdir = cfg.workdir
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise ConfigError(f"--workdir={workdir} cannot be created: "
-                      f"{e.strerror}.") from None
+  writer = jax.process_index() == 0
+  if writer:
+    try:
+      os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+      raise ConfigError(f"--workdir={workdir} cannot be created: "
+                        f"{e.strerror}.") from None
+    if not os.path.isdir(workdir):
+      raise ConfigError(f"--workdir={workdir} is not a directory.")
+    _check_writable(workdir)
   _check_config(workdir, cfg)
   exp = setup(cfg, dataset, parts)
   ckpt_path = os.path.join(workdir, CHECKPOINT)
@@ -357,89 +409,113 @@ def run(cfg: Config, dataset=None, parts=None, log=None) -> dict:
   state, start = exp.init_state, 0
   if os.path.exists(ckpt_path):  # read (and check) it before writing anything
     state, start = load_checkpoint(ckpt_path, exp.init_state, exp.train_key)
-    if cfg.progress:
+    if start > cfg.epochs:
+      raise ConfigError(
+          f"Nothing was run: --workdir={workdir} already holds {start} "
+          f"epochs, more than --epochs={cfg.epochs}; pass --epochs={start} "
+          "or more, or use a new --workdir.")
+    if cfg.progress and start < cfg.epochs:
       log(f"Resuming {workdir} after epoch {start}.")
-  with open(os.path.join(workdir, CONFIG) + ".tmp", "w") as f:
-    f.write(cfg.to_json())
-  os.replace(os.path.join(workdir, CONFIG) + ".tmp",
-             os.path.join(workdir, CONFIG))
   rows = [r for r in _read_metrics(metrics_path) if r["epoch"] <= start]
-  _write_lines(metrics_path, rows)
+  if writer:
+    _write_json(os.path.join(workdir, CONFIG), cfg.to_json())
+    with _writing(metrics_path):
+      _write_lines(metrics_path, rows)
 
   num_models = int(exp.images.shape[0])
   if cfg.progress and start < cfg.epochs:
     mesh = exp.axis.mesh
+    axis = ("" if exp.protocol.name == "round_robin" else
+            f", participant axis {exp.axis.lowering}")
     log(f"[{cfg.algorithm}] {num_models} model(s) x {exp.num_params:,} "
-        f"parameters, protocol {exp.protocol.name}, participant axis "
-        f"{exp.axis.lowering}, {jax.device_count()} "
+        f"parameters, protocol {exp.protocol.name}{axis}, {jax.device_count()} "
         f"{jax.default_backend()} device(s)"
         + ("" if mesh is None else f" (participants split over {mesh.size})"))
   elapsed = rows[-1]["elapsed_s"] if rows else 0.0
-  tb = events_lib.open_writer(workdir, resume_epoch=start)
+  tb = events_lib.open_writer(workdir, resume_epoch=start) if writer else None
   epoch_times = []
-  for epoch in range(start + 1, cfg.epochs + 1):
-    t0 = time.time()
-    key = jax.random.fold_in(exp.train_key, epoch)
-    new_state, stats = exp.epoch_fn(state, exp.images, exp.labels, key)
-    losses = np.asarray(stats.loss)
-    if not np.all(np.isfinite(losses)):
-      bad = int(np.flatnonzero(~np.isfinite(losses))[0])
-      who = "the model" if cfg.algorithm == "centralized" else (
-          f"participant {bad}")
-      raise NonFiniteError(
-          f"Epoch {epoch}: {who} has a non-finite training loss "
-          f"({losses[bad]}); stopping — try a smaller --learning_rate "
-          f"(outputs up to epoch {epoch - 1} are kept in {workdir}).")
-    state = new_state
-    row = {"epoch": epoch}
-    if _is_eval_epoch(cfg, epoch):
-      acc, server_acc = exp.evaluate(state)
-      row.update(participant_accuracy_mean=float(acc.mean()),
-                 participant_accuracy_min=float(acc.min()),
-                 participant_accuracy_max=float(acc.max()),
-                 server_accuracy=server_acc)
-    else:
-      row.update(participant_accuracy_mean=None, participant_accuracy_min=None,
-                 participant_accuracy_max=None, server_accuracy=None)
-    up_each = np.asarray(stats.uploaded)
-    down_each = np.asarray(stats.downloaded)
-    up, down = float(up_each.mean()), float(down_each.mean())
-    wall = time.time() - t0
-    elapsed += wall
-    row.update(
-        train_loss=float(losses.mean()),
-        uploaded_entries=up,
-        downloaded_entries=down,
-        bytes_up=wire_bytes(up_each, exp.num_params),
-        bytes_down=wire_bytes(down_each, exp.num_params),
-        lost_uploads=int(np.sum(np.asarray(stats.upload_lost))),
-        epsilon_spent=epsilon_spent(exp, epoch),
-        num_models=num_models,
-        num_params=exp.num_params,
-        wall_time_s=wall,
-        elapsed_s=elapsed)
-    rows.append(row)
-    with open(metrics_path, "a") as f:
-      f.write(json.dumps(row) + "\n")
-      f.flush()
-      os.fsync(f.fileno())
+  saved, epoch = start, start
+  try:
+    for epoch in range(start + 1, cfg.epochs + 1):
+      t0 = time.time()
+      key = jax.random.fold_in(exp.train_key, epoch)
+      new_state, stats = exp.epoch_fn(state, exp.images, exp.labels, key)
+      losses = np.asarray(stats.loss)
+      if not np.all(np.isfinite(losses)):
+        bad = int(np.flatnonzero(~np.isfinite(losses))[0])
+        who = "the model" if cfg.algorithm == "centralized" else (
+            f"participant {bad}")
+        raise NonFiniteError(
+            f"Epoch {epoch}: {who} has a non-finite training loss "
+            f"({losses[bad]}); stopping — try a smaller --learning_rate "
+            f"(outputs up to epoch {epoch - 1} are kept in {workdir}).")
+      state = new_state
+      row = _metrics_row(exp, epoch, state, stats, time.time() - t0, elapsed)
+      elapsed = row["elapsed_s"]
+      rows.append(row)
+      if writer:
+        with _writing(metrics_path):
+          with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if tb is not None:
+          tb.write(epoch, row)
+      if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
+        if writer:
+          with _writing(ckpt_path):
+            save_checkpoint(ckpt_path, state, epoch, exp.train_key)
+        saved = epoch
+      epoch_times.append(row["wall_time_s"])
+      if cfg.progress:
+        log(_progress_line(cfg, row, epoch_times))
+      if _kill_requested(KILL_AFTER_EPOCH_ENV, epoch):
+        os._exit(KILLED_EXIT)  # pylint: disable=protected-access
+  except KeyboardInterrupt:
+    raise Interrupted(
+        f"Interrupted during epoch {epoch + 1 if epoch < cfg.epochs else epoch}"
+        f"; the last checkpoint in {workdir} is epoch {saved}; rerun the same "
+        "command to resume.") from None
+  finally:
     if tb is not None:
-      tb.write(epoch, row)
-    if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
-      save_checkpoint(ckpt_path, state, epoch, exp.train_key)
-    epoch_times.append(wall)
-    if cfg.progress:
-      log(_progress_line(cfg, row, epoch_times))
-    if _kill_requested(KILL_AFTER_EPOCH_ENV, epoch):
-      os._exit(KILLED_EXIT)  # pylint: disable=protected-access
-  if tb is not None:
-    tb.close()
+      tb.close()
   summary = summarize(cfg, rows)
   summary["privacy"] = privacy_note(cfg, exp.num_params, summary["epochs"])
-  with open(os.path.join(workdir, SUMMARY), "w") as f:
-    json.dump(summary, f, indent=2)
-  _draw_figures(workdir, log)
+  if writer:
+    _write_json(os.path.join(workdir, SUMMARY), json.dumps(summary, indent=2))
+    _draw_figures(workdir, log)
   return summary
+
+
+def _metrics_row(exp: Experiment, epoch: int, state, stats, wall: float,
+                 elapsed: float) -> dict:
+  """One line of ``metrics.jsonl`` (see README "What a run writes")."""
+  cfg = exp.cfg
+  row = {"epoch": epoch}
+  if _is_eval_epoch(cfg, epoch):
+    acc, server_acc = exp.evaluate(state)
+    row.update(participant_accuracy_mean=float(acc.mean()),
+               participant_accuracy_min=float(acc.min()),
+               participant_accuracy_max=float(acc.max()),
+               server_accuracy=server_acc)
+  else:
+    row.update(participant_accuracy_mean=None, participant_accuracy_min=None,
+               participant_accuracy_max=None, server_accuracy=None)
+  up_each = np.asarray(stats.uploaded)
+  down_each = np.asarray(stats.downloaded)
+  row.update(
+      train_loss=float(np.asarray(stats.loss).mean()),
+      uploaded_entries=float(up_each.mean()),
+      downloaded_entries=float(down_each.mean()),
+      bytes_up=wire_bytes(up_each, exp.num_params),
+      bytes_down=wire_bytes(down_each, exp.num_params),
+      lost_uploads=int(np.sum(np.asarray(stats.upload_lost))),
+      epsilon_spent=epsilon_spent(exp, epoch),
+      num_models=int(exp.images.shape[0]),
+      num_params=exp.num_params,
+      wall_time_s=wall,
+      elapsed_s=elapsed + wall)
+  return row
 
 
 def _draw_figures(workdir: str, log: Callable[[str], None]) -> None:
@@ -452,26 +528,27 @@ def _draw_figures(workdir: str, log: Callable[[str], None]) -> None:
 
 
 def _progress_line(cfg: Config, row: dict, epoch_times: list[float]) -> str:
-  # The first epoch of a process includes compilation: leave it out of the
-  # estimate once there is a steady one.
-  steady = epoch_times[1:][-5:] or epoch_times
-  left = float(np.median(steady)) * (cfg.epochs - row["epoch"])
+  """One labelled line per epoch. The first epoch of a process includes
+  compilation, so it gets no time estimate; later ones use the median of the
+  last (steady) epochs."""
   parts = [f"[{cfg.algorithm}] epoch {row['epoch']}/{cfg.epochs}"]
   if row["participant_accuracy_mean"] is not None:
     parts.append(
-        f"acc {row['participant_accuracy_mean']:.4f} "
-        f"[{row['participant_accuracy_min']:.3f}, "
-        f"{row['participant_accuracy_max']:.3f}]")
+        f"test acc {row['participant_accuracy_mean']:.4f} "
+        f"(participants min {row['participant_accuracy_min']:.3f}, max "
+        f"{row['participant_accuracy_max']:.3f})")
     if row["server_accuracy"] is not None:
       parts.append(f"server {row['server_accuracy']:.4f}")
   parts.append(f"loss {row['train_loss']:.4f}")
-  parts.append(f"up {row['uploaded_entries']:,.0f}")
+  parts.append(f"uploaded {row['uploaded_entries']:,.0f} of "
+               f"{row['num_params']:,} entries/participant")
   if row["epsilon_spent"] is not None:
-    parts.append(f"eps {row['epsilon_spent']:.3g}")
-  if len(epoch_times) == 1 and row["epoch"] < cfg.epochs:
-    parts.append(f"{row['wall_time_s']:.2f}s (with compilation), "
-                 f"≤{_fmt_time(left)} left")
+    parts.append(f"ε {row['epsilon_spent']:.3g}")
+  if len(epoch_times) == 1:
+    parts.append(f"{row['wall_time_s']:.2f}s (with compilation)")
   else:
+    steady = epoch_times[1:][-5:]
+    left = float(np.median(steady)) * (cfg.epochs - row["epoch"])
     parts.append(f"{row['wall_time_s']:.2f}s/epoch, ~{_fmt_time(left)} left")
   return "  ".join(parts)
 
