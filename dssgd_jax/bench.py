@@ -39,6 +39,13 @@ JSON keys (the headline ones refer to ``svhn_cnn``, 30 participants):
 ``flops_fraction_b32``, ``selection_speedup_vs_top_k``, ``overhead_fraction``,
 plus ``compile_s``, ``peak_memory_mb``, ``matmul_gflops``, ``results`` (every
 model/batch/contender) and the settings.
+
+Why the harness ships inside the package (flax and optax keep theirs beside
+it): the figures that matter are the accelerator ones, taken on rented GPUs,
+TPU VMs and Colab, where the package is pip-installed and the repository's
+``benchmarks/`` folder is not there; ``python -m dssgd_jax.bench`` then works
+as it is. It builds on the library's public pieces only (rules, participant,
+protocols, server) and never on the run layer's configuration.
 """
 
 import argparse
@@ -387,10 +394,9 @@ def _fmt(x, spec=".0f"):
 
 def run_bench(args) -> dict:
   torch_loop = None if args.no_torch else _torch_loop_module()
-  from dssgd_jax.run import build as experiment  # pylint: disable=g-import-not-at-top
   conv_impl = args.conv_impl
   if conv_impl == "auto":
-    conv_impl = experiment.resolve_conv_impl(None)
+    conv_impl = models_lib.auto_conv_impl()
   print(f"dssgd_jax.bench: jax {jax.__version__}, backend "
         f"{jax.default_backend()}, {jax.device_count()} device(s), "
         f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"
@@ -418,8 +424,8 @@ def run_bench(args) -> dict:
       samples = args.samples_b1 if batch == 1 else args.samples
       samples = max(samples, batch)
       w = Workload(model_name, args.participants, samples, batch, conv_impl)
-      lowering = experiment.resolve_participant_axis(
-          None if args.participant_axis == "auto" else args, model_name)
+      lowering = (protocols.auto_lowering(model_name)
+                  if args.participant_axis == "auto" else args.participant_axis)
       other = "vmap" if lowering == "map" else "map"
       tag = f"{model_name}/b{batch}"
       print(f"[{tag}] compiling ...", flush=True)

@@ -25,6 +25,7 @@ import jax
 
 from dssgd_jax import bench
 from dssgd_jax import models as models_lib
+from dssgd_jax import protocols
 
 
 def device_peak_bytes():
@@ -106,10 +107,9 @@ def main(argv=None):
     plot(run["rows"], args.plot, _title(run))
     print(f"plot: {args.plot}")
     return
-  from dssgd_jax.run import build as experiment  # pylint: disable=g-import-not-at-top
   lowering = args.participant_axis
   if lowering == "auto":
-    lowering = experiment.resolve_participant_axis(None, args.model)
+    lowering = protocols.auto_lowering(args.model)
   print(f"dssgd_jax.bench_scale: {args.model}, {args.samples} examples per "
         f"participant, batch {args.batch_size}, participant axis {lowering}, "
         f"backend {jax.default_backend()}", flush=True)
@@ -118,7 +118,7 @@ def main(argv=None):
   rows = []
   for num in participant_counts(args.max_participants):
     workload = bench.Workload(args.model, num, args.samples, args.batch_size,
-                              experiment.resolve_conv_impl(None))
+                              models_lib.auto_conv_impl())
     run, compile_s, _, peak = workload.build_axis(lowering)  # warmed up
     secs = statistics.median(run() for _ in range(args.repeats))
     dev = device_peak_bytes()

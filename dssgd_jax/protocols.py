@@ -67,6 +67,29 @@ class Protocol(NamedTuple):
   name: str
 
 
+# Models for which ``lax.map`` beats ``vmap`` on XLA:CPU (docs/benchmarks.md):
+# the 5x5 convolutions on 32x32 images, where one participant's step is big
+# enough to use the cores; on the small models ``vmap``'s batching wins.
+CPU_MAP_MODELS = ("mnist_cnn", "svhn_cnn")
+
+
+def auto_lowering(model: str) -> str:
+  """The participant-axis lowering ``auto`` picks for ``model`` here.
+
+  CPU: ``map`` (``lax.map``) for the 32x32 CNNs of :data:`CPU_MAP_MODELS`
+  (1.1-1.4x the speed of ``vmap``), ``vmap`` for the MLPs and the digits CNN
+  (1.2-3.5x the speed of ``map``). GPU and TPU: ``vmap`` (one batched
+  program keeps the accelerator busy at batch 1). Numbers in
+  docs/benchmarks.md.
+
+  >>> auto_lowering("mnist_mlp")
+  'vmap'
+  """
+  if jax.default_backend() == "cpu" and model in CPU_MAP_MODELS:
+    return "map"
+  return "vmap"
+
+
 class ParticipantAxis(NamedTuple):
   """How the participant axis of the parallel protocols is computed.
 

@@ -15,10 +15,10 @@ chain(select_random(100), clip(0.01), laplace(1))
 download_most_updated(100)
 """
 
-import jax
 import jax.numpy as jnp
 
 from dssgd_jax import algorithms
+from dssgd_jax import models
 from dssgd_jax import protocols
 from dssgd_jax import rules
 from dssgd_jax import selection as selection_lib
@@ -134,44 +134,15 @@ def _update(cfg: Config, local_epoch, num_params: int):
                                  float(cfg.learning_rate))
 
 
-def resolve_conv_impl(cfg: Config | None) -> str:
-  """The convolution lowering for ``--conv_impl=auto``, per backend.
-
-  CPU: ``im2col`` — XLA:CPU's own convolution is about 13x slower here.
-  GPU: ``im2col`` — batched GEMMs, 1.3-4.5x the speed of cuDNN's grouped
-  convolutions under ``vmap`` on an H100. TPU: ``xla`` (grouped convolutions
-  map onto the MXU natively; not measured). Numbers in docs/benchmarks.md.
-  """
-  impl = "auto" if cfg is None else cfg.conv_impl
-  if impl != "auto":
-    return impl
-  return "xla" if jax.default_backend() == "tpu" else "im2col"
+def resolve_conv_impl(cfg: Config) -> str:
+  """``--conv_impl``, with ``auto`` resolved per backend
+  (:func:`dssgd_jax.models.auto_conv_impl`)."""
+  return models.auto_conv_impl() if cfg.conv_impl == "auto" else cfg.conv_impl
 
 
-# Models for which ``lax.map`` beats ``vmap`` on XLA:CPU (docs/benchmarks.md):
-# the 5x5 convolutions on 32x32 images, where one participant's step is big
-# enough to use the cores; on the small models ``vmap``'s batching wins.
-CPU_MAP_MODELS = ("mnist_cnn", "svhn_cnn")
-
-
-def resolve_participant_axis(cfg: Config | None, model: str | None = None
-                             ) -> str:
-  """The participant-axis lowering for ``--participant_axis=auto``.
-
-  CPU: ``map`` (``lax.map``) for the 32x32 CNNs of :data:`CPU_MAP_MODELS`
-  (1.1-1.4x the speed of ``vmap``), ``vmap`` for the MLPs and the digits CNN
-  (1.2-3.5x the speed of ``map``). GPU and TPU: ``vmap`` (one batched
-  program keeps the accelerator busy at batch 1). Numbers in
-  docs/benchmarks.md.
-
-  >>> resolve_participant_axis(None, "mnist_mlp")
-  'vmap'
-  """
-  axis = "auto" if cfg is None else cfg.participant_axis
-  if axis != "auto":
-    return axis
-  if model is None and cfg is not None:
-    model = cfg.model
-  if jax.default_backend() == "cpu" and model in CPU_MAP_MODELS:
-    return "map"
-  return "vmap"
+def resolve_participant_axis(cfg: Config) -> str:
+  """``--participant_axis``, with ``auto`` resolved per backend and model
+  (:func:`dssgd_jax.protocols.auto_lowering`)."""
+  if cfg.participant_axis != "auto":
+    return cfg.participant_axis
+  return protocols.auto_lowering(cfg.model)
