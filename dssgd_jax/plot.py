@@ -83,12 +83,21 @@ def read_metrics(rundir: str, max_epoch: int | None = None) -> list[dict]:
   return rows
 
 
+def _read_json(path: str) -> dict:
+  """A JSON file, or one sentence naming it (PlotError) if it is unreadable."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise PlotError(f"{path} is not readable JSON "
+                    f"({getattr(e, 'strerror', None) or e}).") from None
+
+
 def read_config(rundir: str) -> dict:
   path = os.path.join(rundir, CONFIG)
   if not os.path.exists(path):
     return {}
-  with open(path) as f:
-    return json.load(f)
+  return _read_json(path)
 
 
 def accuracy_key(algorithm: str | None) -> str:
@@ -244,8 +253,7 @@ def _discover_runs(workdir: str) -> dict:
 def read_manifest(workdir: str) -> dict:
   path = os.path.join(workdir, MANIFEST)
   if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
+    return _read_json(path)
   return _discover_runs(workdir)
 
 

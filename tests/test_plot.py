@@ -92,3 +92,19 @@ def test_plot_help():
   out = subprocess.run([sys.executable, "-m", "dssgd_jax.plot", "--help"],
                        capture_output=True, text=True, cwd=REPO, timeout=120)
   assert "python -m dssgd_jax.plot WORKDIR" in out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("name", ["config.json", "reproduce.json"])
+def test_corrupt_json_is_one_line(tmp_path, name):
+  _write_run(tmp_path / "r", _rows(2))
+  target = tmp_path / "r" / name if name == "config.json" else tmp_path / name
+  target.write_text("{not json")
+  workdir = tmp_path / "r" if name == "config.json" else tmp_path
+  out = subprocess.run([sys.executable, "-m", "dssgd_jax.plot", str(workdir)],
+                       capture_output=True, text=True, cwd=REPO, timeout=120,
+                       check=False)
+  assert out.returncode == 2, out.stderr
+  assert "Traceback" not in out.stderr
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error:"), out.stderr
+  assert str(target) in lines[0]
