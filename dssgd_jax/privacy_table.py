@@ -30,12 +30,12 @@ server's global model.
 
 Each row is an ordinary run directory under ``--workdir``; finished runs are
 skipped and interrupted ones resume, so rerunning the command after a kill
-finishes the table. The command writes ``privacy_table.md`` and
-``privacy_table.json`` into ``--workdir``.
+finishes the table (:mod:`dssgd_jax.sweep`); a row's ``audit.json`` is reused
+while it is newer than the row's checkpoint. The command writes
+``privacy_table.md`` and ``privacy_table.json`` into ``--workdir``.
 """
 
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -43,8 +43,8 @@ import sys
 from absl import app
 from absl import flags
 
-from dssgd_jax import audit as audit_lib
 from dssgd_jax import cli
+from dssgd_jax import sweep
 from dssgd_jax.run import config as config_lib
 from dssgd_jax.errors import ConfigError
 
@@ -69,97 +69,61 @@ flags.DEFINE_integer("audit_seed", 0, "Seed of the audit's non-member draws.")
 
 TABLE = "privacy_table.md"
 RESULTS = "privacy_table.json"
-
-
-def _floats(name: str, values) -> list[float]:
-  out = []
-  for v in values:
-    try:
-      x = float(v)
-    except ValueError:
-      raise ConfigError(f"--{name}={','.join(values)}: {v!r} is not a "
-                        "number.") from None
-    if not (x > 0 and math.isfinite(x)):
-      raise ConfigError(f"--{name}={','.join(values)}: {v} must be "
-                        "positive.")
-    out.append(x)
-  return out
+BASELINES = ("centralized", "standalone")
 
 
 def plan(base: config_lib.Config, baselines, upload_fractions, svt_epsilons,
          svt_upload_fraction: float, svt_clip_bound: float,
          svt_threshold: float, svt_download_fractions=(),
-         svt_download_rule: str | None = None
-         ) -> list[tuple[str, str, config_lib.Config]]:
-  """(key, label, validated config) of every row, in table order."""
-  if not base.workdir:
-    raise ConfigError("--workdir is required: the directory that holds one "
-                      "subdirectory per row and the table.")
+         svt_download_rule: str | None = None) -> list[sweep.Run]:
+  """Every row's run, validated before any work starts, in table order.
+
+  Raises:
+    ConfigError: a bad list flag, no row at all, or a row whose flags do not
+      validate.
+  """
+  sweep.require_workdir(base, "one subdirectory per row and the table")
+  baselines = sweep.parse_choices("privacy_baselines", list(baselines),
+                                  BASELINES)
+  upload_fractions = sweep.fractions("privacy_upload_fractions",
+                                     list(upload_fractions))
+  fractions = (sweep.fractions("svt_download_fractions",
+                               list(svt_download_fractions))
+               or [base.download_fraction])
+  epsilons = sweep.positive_numbers("svt_epsilons", list(svt_epsilons))
+  if not (baselines or upload_fractions or epsilons):
+    raise ConfigError("--privacy_baselines, --privacy_upload_fractions and "
+                      "--svt_epsilons are all empty: the table has no rows.")
   rows = []
 
   def add(key, label, **over):
-    cfg = config_lib.for_algorithm(
-        base, over.pop("algorithm"), workdir=os.path.join(base.workdir, key),
-        **over)
-    rows.append((key, label, config_lib.validate(cfg)))
+    cfg = sweep.run_config(base, key, over.pop("algorithm"), **over)
+    rows.append(sweep.Run(key, label, cfg))
 
   plain = dict(noise="none")
-  for b in baselines:
-    if b not in ("centralized", "standalone"):
-      raise ConfigError(f"--privacy_baselines: {b!r} is not centralized or "
-                        "standalone.")
   if "centralized" in baselines:
     add("centralized", "Centralized SGD", algorithm="centralized",
         protocol="parallel")
   if "standalone" in baselines:
     add("standalone", "Standalone", algorithm="standalone",
         protocol="parallel")
-  for f in _floats("privacy_upload_fractions", upload_fractions):
+  for f in upload_fractions:
     add(f"dssgd_{f:g}", f"DSSGD θu = {f:g}", algorithm="dssgd",
         upload_fraction=f, **plain)
-  fractions = (_floats("svt_download_fractions", svt_download_fractions)
-               or [base.download_fraction])
   for dl in fractions:
     download, suffix, label_suffix = {}, "", ""
     if dl != base.download_fraction:
       rule = svt_download_rule or base.download_rule
       download = dict(download_fraction=dl, download_rule=rule)
       suffix, label_suffix = f"_dl{dl:g}_{rule}", f", θd = {dl:g} ({rule})"
-    for e in _floats("svt_epsilons", svt_epsilons):
+    for e in epsilons:
       add(f"svt_{svt_upload_fraction:g}_eps{e:g}{suffix}",
           f"DSSGD θu = {svt_upload_fraction:g}{label_suffix} + SVT, ε = "
           f"{e:g}/epoch",
           algorithm="dssgd", upload_fraction=svt_upload_fraction,
           noise="svt", epsilon=e,
           clip_bound=svt_clip_bound, threshold=svt_threshold, **download)
-  if not rows:
-    raise ConfigError("The table has no rows.")
   return rows
-
-
-def _complete(cfg) -> bool:
-  try:
-    with open(os.path.join(cfg.workdir, "summary.json")) as f:
-      return json.load(f).get("epochs", 0) >= cfg.epochs
-  except (OSError, ValueError):
-    return False
-
-
-def _cached_audit(workdir: str, seed: int) -> dict | None:
-  """The run's audit.json if it is newer than its checkpoint and complete."""
-  path = os.path.join(workdir, audit_lib.AUDIT_FILE)
-  ckpt = os.path.join(workdir, "checkpoint.npz")
-  try:
-    if os.path.getmtime(path) < os.path.getmtime(ckpt):
-      return None
-    with open(path) as f:
-      res = json.load(f)
-  except (OSError, ValueError):
-    return None
-  if res.get("audit_seed") != seed or "num_params" not in res or any(
-      a not in res.get("attacks", {}) for a in audit_lib.ATTACKS):
-    return None
-  return res
 
 
 def _fmt(x, spec="{:.4f}"):
@@ -194,8 +158,14 @@ def _server_text(res: dict) -> str:
           f"({server['num_members']} vs {server['num_members']})")
 
 
-def markdown(base, rows, results) -> str:
-  """The Markdown text of ``privacy_table.md``."""
+def markdown(base, rows: list[sweep.Run], results: dict[str, dict]) -> str:
+  """The Markdown text of ``privacy_table.md``.
+
+  Args:
+    base: the preset.
+    rows: the rows' runs, in table order (:func:`plan`).
+    results: each row's audit result by key.
+  """
   head = ["", "mean participant accuracy", "ε per participant (total)",
           "member / non-member accuracy", "loss attack AUC",
           "loss attack advantage", "calibrated attack AUC",
@@ -203,27 +173,28 @@ def markdown(base, rows, results) -> str:
           "advantage"]
   lines = ["| " + " | ".join(head) + " |",
            "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
-  for key, label, _ in rows:
-    r = results[key]
+  for row in rows:
+    r = results[row.key]
     a = r["attacks"]
     lines.append("| " + " | ".join([
-        label, _fmt(r["participant_accuracy_mean"]), _epsilon_text(r),
+        row.label, _fmt(r["participant_accuracy_mean"]), _epsilon_text(r),
         f"{a['member_accuracy']['mean']:.3f} / "
         f"{a['nonmember_accuracy']['mean']:.3f}",
         _attack_text(a["loss"], "auc"), _attack_text(a["loss"], "advantage"),
         _attack_text(a.get("calibrated"), "auc"),
         _attack_text(a.get("calibrated"), "advantage"),
         _server_text(r)]) + " |")
-  first = results[rows[0][0]]
+  first = results[rows[0].key]
   cfg = base
-  chance = sorted({(results[k]["num_members"],
-                    round(results[k]["chance_auc_se"], 3),
-                    round(results[k]["chance_advantage"], 3))
-                   for k, _, _ in rows})
+  chance = sorted({(results[row.key]["num_members"],
+                    round(results[row.key]["chance_auc_se"], 3),
+                    round(results[row.key]["chance_advantage"], 3))
+                   for row in rows})
   chance_text = "; ".join(
       f"{m} vs {m}: AUC 0.5 ± {se:.3f}, advantage ≈ {adv:.3f}"
       for m, se, adv in chance)
-  svt = [(label, results[key]) for key, label, c in rows if c.noise == "svt"]
+  svt = [(row.label, results[row.key]) for row in rows
+         if row.config.noise == "svt"]
   svt_text = []
   if svt:
     r0 = svt[0][1]
@@ -274,40 +245,27 @@ def privacy_table(base, baselines=("centralized", "standalone"),
                   svt_clip_bound=0.01, svt_threshold=0.001,
                   svt_download_fractions=(), svt_download_rule=None,
                   audit_seed=0, log=None) -> str:
-  """Runs (or resumes) every row, audits it, writes and returns the table."""
-  from dssgd_jax.run import build  # pylint: disable=g-import-not-at-top
-  from dssgd_jax.run import experiment  # pylint: disable=g-import-not-at-top
-  if log is None:
-    def log(msg):
-      print(msg, file=sys.stderr, flush=True)
-  rows = plan(base, list(baselines), list(upload_fractions),
-              list(svt_epsilons), svt_upload_fraction, svt_clip_bound,
-              svt_threshold, list(svt_download_fractions),
-              svt_download_rule)
-  os.makedirs(base.workdir, exist_ok=True)
-  data = build.data(rows[0][2])
-  results = {}
-  for i, (key, label, cfg) in enumerate(rows):
-    if _complete(cfg):
-      log(f"[privacy_table] {key}: complete, skipped.")
-    else:
-      log(f"[privacy_table] run {i + 1}/{len(rows)}: {label} -> "
-          f"{cfg.workdir}")
-      experiment.run(cfg, *data, log=log)
-    results[key] = _cached_audit(cfg.workdir, audit_seed)
-    if results[key] is None:
-      results[key] = audit_lib.audit_run(cfg.workdir, seed=audit_seed,
-                                         dataset=data[0], parts=data[1])
-    log(f"[privacy_table] {key}: loss-attack AUC "
-        f"{results[key]['attacks']['loss']['auc']['mean']:.4f}")
+  """Runs (or resumes) every row, audits it, writes and returns the table.
+
+  A run whose loss becomes non-finite ends the command (NonFiniteError): a
+  row needs a finished run to audit.
+  """
+  log = log or sweep.log_to_stderr
+  rows = plan(base, baselines, upload_fractions, svt_epsilons,
+              svt_upload_fraction, svt_clip_bound, svt_threshold,
+              svt_download_fractions, svt_download_rule)
+  sweep.make_workdir(base.workdir)
+  sweep.check_existing(rows)
+  data = sweep.execute(rows, log, "privacy_table", keep_going=False)
+  results = sweep.audit_runs(rows, log, "privacy_table", data,
+                             seed=audit_seed, reuse=True)
   text = markdown(base, rows, results)
-  with open(os.path.join(base.workdir, TABLE), "w") as f:
-    f.write(text)
-  with open(os.path.join(base.workdir, RESULTS), "w") as f:
-    json.dump({"base_config": dataclasses.asdict(base),
-               "command": " ".join(sys.argv),
-               "rows": [{"key": k, "label": l, **results[k]}
-                        for k, l, _ in rows]}, f, indent=2)
+  sweep.write_text(os.path.join(base.workdir, TABLE), text)
+  sweep.write_json(os.path.join(base.workdir, RESULTS), {
+      "base_config": dataclasses.asdict(base),
+      "command": " ".join(sys.argv),
+      "rows": [{"key": row.key, "label": row.label, **results[row.key]}
+               for row in rows]})
   return text
 
 

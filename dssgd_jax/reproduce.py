@@ -21,8 +21,9 @@ Each run lives in its own subdirectory of ``--workdir`` (e.g.
 ``dssgd_0.1_bs32_lr0.01/``) and is an ordinary run directory: a run whose
 ``summary.json`` already covers ``--epochs`` is skipped, an interrupted one
 resumes from its checkpoint, so rerunning the command after a kill finishes
-the sweep. A run whose loss becomes non-finite is reported as diverged in the
-table and the sweep goes on. At the end the command writes into ``--workdir``:
+the sweep (:mod:`dssgd_jax.sweep`). A run whose loss becomes non-finite is
+reported as diverged in the table and the sweep goes on. At the end the
+command writes into ``--workdir``:
 
 * ``table.md`` — the best test accuracy of every row and column (Markdown),
   with the paper's numbers beside ours where the dataset is one of the
@@ -48,7 +49,7 @@ every FedAvg participant holds after downloading).
 
 import csv
 import dataclasses
-import json
+import io
 import os
 import sys
 import time
@@ -59,7 +60,8 @@ from absl import flags
 from dssgd_jax import cli
 from dssgd_jax.run import config as config_lib
 from dssgd_jax import plot as plot_lib
-from dssgd_jax.errors import ConfigError, NonFiniteError
+from dssgd_jax import sweep
+from dssgd_jax.errors import ConfigError
 
 config_lib.define_flags()
 config_lib.declare_key_flags()  # list the run flags, by group, in --help
@@ -82,8 +84,6 @@ flags.DEFINE_boolean("audit", False, "Run the membership-inference audit "
 TABLE = "table.md"
 RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
-DIVERGED = "diverged.json"
-SUMMARY = "summary.json"
 
 # The paper's numbers (SPEC section 6): seed Table 4 (SVHN CNN, 1,000 samples
 # per participant) and the seed's conclusion (MNIST-scale).
@@ -100,15 +100,14 @@ ROW_LABELS = {"centralized": "Centralized SGD", "standalone": "Standalone",
 
 
 @dataclasses.dataclass(frozen=True)
-class Run:
-  """One cell of the table: a row (algorithm, θu) and a column (M, k)."""
+class Run(sweep.Run):
+  """One cell of the table: a row (algorithm, θu) and a column (M, k).
+
+  Its key is ``ROW_COLUMN`` (e.g. ``dssgd_0.1_bs32_lr0.01``), its label the
+  row's with the column's batch size and learning rate.
+  """
   row: str          # "centralized" | "dssgd_0.1" | "standalone" | "fedavg"
   column: str       # "bs32_lr0.01"
-  config: config_lib.Config
-
-  @property
-  def name(self) -> str:
-    return f"{self.row}_{self.column}"
 
 
 def _num(x: float) -> str:
@@ -119,22 +118,6 @@ def row_label(row: str) -> str:
   if row.startswith("dssgd_"):
     return f"DSSGD θu = {row[len('dssgd_'):]}"
   return ROW_LABELS[row]
-
-
-def _parse_list(name: str, values: list[str], kind, check, what: str) -> list:
-  out = []
-  for v in values:
-    try:
-      x = kind(v)
-    except ValueError:
-      raise ConfigError(f"--{name}={','.join(values)}: {v!r} is not "
-                        f"{what}.") from None
-    if not check(x):
-      raise ConfigError(f"--{name}={','.join(values)}: {v} is not {what}.")
-    if x in out:
-      raise ConfigError(f"--{name}={','.join(values)} lists {v} twice.")
-    out.append(x)
-  return out
 
 
 def plan(base: config_lib.Config, batch_sizes: list[str],
@@ -148,22 +131,15 @@ def plan(base: config_lib.Config, batch_sizes: list[str],
   Raises:
     ConfigError: a bad list flag, or a run whose flags do not validate.
   """
-  if not base.workdir:
-    raise ConfigError("--workdir is required: the directory that holds one "
-                      "subdirectory per run, the table and the figures.")
-  sizes = _parse_list("batch_sizes", batch_sizes or [str(base.batch_size)],
-                      int, lambda x: x > 0, "a positive integer")
-  rates = _parse_list("learning_rates",
-                      learning_rates or [repr(base.learning_rate)], float,
-                      lambda x: 0 < x < float("inf"), "a positive number")
-  fractions = _parse_list("upload_fractions", upload_fractions, float,
-                          lambda x: 0 < x <= 1, "a fraction in (0, 1]")
-  for b in baselines:
-    if b not in BASELINES:
-      raise ConfigError(f"--baselines={','.join(baselines)}: {b!r} is not one"
-                        f" of: {', '.join(BASELINES)}.")
-  if len(set(baselines)) != len(baselines):
-    raise ConfigError(f"--baselines={','.join(baselines)} lists a row twice.")
+  sweep.require_workdir(base, "one subdirectory per run, the table and the "
+                        "figures")
+  sizes = sweep.parse_list("batch_sizes",
+                           batch_sizes or [str(base.batch_size)], int,
+                           lambda x: x > 0, "a positive integer")
+  rates = sweep.positive_numbers(
+      "learning_rates", learning_rates or [repr(base.learning_rate)])
+  fractions = sweep.fractions("upload_fractions", upload_fractions)
+  baselines = sweep.parse_choices("baselines", baselines, BASELINES)
   for m in sizes:
     if m > base.samples_per_participant:
       raise ConfigError(
@@ -190,37 +166,15 @@ def plan(base: config_lib.Config, batch_sizes: list[str],
         # baseline does not read is reset (config.for_algorithm).
         # --protocol=parallel is what the baselines run.
         over = dict(algorithm=row, noise="none", protocol="parallel")
-      cfg = config_lib.for_algorithm(
-          base, over.pop("algorithm"), batch_size=m, learning_rate=k,
-          workdir=os.path.join(base.workdir, f"{row}_{key}"), **over)
-      runs.append(Run(row, key, config_lib.validate(cfg)))
+      cfg = sweep.run_config(base, f"{row}_{key}", over.pop("algorithm"),
+                             batch_size=m, learning_rate=k, **over)
+      runs.append(Run(f"{row}_{key}", f"{row_label(row)}, batch size {m}, "
+                      f"learning rate {_num(k)}", cfg, row, key))
   return rows, columns, runs
 
 
 # ----------------------------------------------------------------------------
-# Running.
-
-
-def _read_json(path: str):
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, json.JSONDecodeError):
-    return None
-
-
-def is_complete(run: Run) -> bool:
-  """True when the run's summary.json covers the requested epochs."""
-  summary = _read_json(os.path.join(run.config.workdir, SUMMARY))
-  return bool(summary) and summary.get("epochs", 0) >= run.config.epochs
-
-
-def diverged(run: Run) -> dict | None:
-  """The record of an earlier divergence before ``--epochs``, if any."""
-  record = _read_json(os.path.join(run.config.workdir, DIVERGED))
-  if record and record.get("epoch", 0) <= run.config.epochs:
-    return record
-  return None
+# The plan file (reproduce.json); the runs run through sweep.execute.
 
 
 def _manifest(base, rows, columns, runs) -> dict:
@@ -234,44 +188,11 @@ def _manifest(base, rows, columns, runs) -> dict:
                                         f"{_num(k)}",
                    "batch_size": m, "learning_rate": k}
                   for key, m, k in columns],
-      "runs": [{"name": r.name, "row": r.row, "column": r.column,
+      "runs": [{"name": r.key, "row": r.row, "column": r.column,
                 "algorithm": r.config.algorithm} for r in runs],
       "base_config": dataclasses.asdict(base),
       "command": " ".join(sys.argv),
   }
-
-
-def _write_json(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
-
-
-def execute(runs: list[Run], log) -> None:
-  """Runs (or resumes, or skips) every run in order."""
-  from dssgd_jax.run import experiment  # pylint: disable=g-import-not-at-top
-  todo = [r for r in runs if not is_complete(r) and not diverged(r)]
-  for r in runs:
-    if r not in todo:
-      why = "diverged earlier" if diverged(r) and not is_complete(r) else (
-          "complete")
-      log(f"[reproduce] {r.name}: {why}, skipped.")
-  data = None
-  for i, run in enumerate(todo):
-    log(f"[reproduce] run {i + 1}/{len(todo)}: {row_label(run.row)}, batch "
-        f"size {run.config.batch_size}, learning rate "
-        f"{_num(run.config.learning_rate)} -> {run.config.workdir}")
-    if data is None:
-      from dssgd_jax.run import build  # pylint: disable=g-import-not-at-top
-      data = build.data(run.config)
-    try:
-      experiment.run(run.config, *data, log=log)
-    except NonFiniteError as e:
-      log(f"[reproduce] {run.name} diverged: {e}")
-      rows = plot_lib.read_metrics(run.config.workdir)
-      _write_json(os.path.join(run.config.workdir, DIVERGED),
-                  {"epoch": len(rows) + 1, "message": str(e)})
 
 
 # ----------------------------------------------------------------------------
@@ -279,43 +200,9 @@ def execute(runs: list[Run], log) -> None:
 
 
 def run_result(run: Run) -> dict:
-  """Best/final accuracy, cost and status of one run (from its files)."""
-  rows = plot_lib.read_metrics(run.config.workdir, run.config.epochs)
-  key = plot_lib.accuracy_key(run.config.algorithm)
-  evals = [r for r in rows if r.get(key) is not None]
-  best = max(evals, key=lambda r: r[key], default=None)
-  record = diverged(run)
-  status = ("complete" if len(rows) >= run.config.epochs else
-            "diverged" if record else "incomplete")
-  n = max(len(rows), 1)
-  return {
-      "name": run.name, "row": run.row, "column": run.column,
-      "label": row_label(run.row), "algorithm": run.config.algorithm,
-      "upload_fraction": (run.config.upload_fraction
-                          if run.config.algorithm == "dssgd" else None),
-      "batch_size": run.config.batch_size,
-      "learning_rate": run.config.learning_rate,
-      "status": status,
-      "diverged_at_epoch": record["epoch"] if record else None,
-      "epochs_done": len(rows),
-      "accuracy_metric": key,
-      "best_accuracy": best[key] if best else None,
-      "best_epoch": best["epoch"] if best else None,
-      "final_accuracy": evals[-1][key] if evals else None,
-      "final_participant_accuracy_min": (
-          evals[-1]["participant_accuracy_min"] if evals else None),
-      "final_participant_accuracy_max": (
-          evals[-1]["participant_accuracy_max"] if evals else None),
-      "best_server_accuracy": max(
-          (r["server_accuracy"] for r in rows
-           if r.get("server_accuracy") is not None), default=None),
-      "bytes_up_per_epoch": sum(r["bytes_up"] for r in rows) / n,
-      "bytes_down_per_epoch": sum(r["bytes_down"] for r in rows) / n,
-      "bytes_up_total": sum(r["bytes_up"] for r in rows),
-      "elapsed_s": rows[-1]["elapsed_s"] if rows else 0.0,
-      "config": dataclasses.asdict(run.config),
-      "metrics": rows,
-  }
+  """The run's cell, status, accuracy and cost (:func:`sweep.result`)."""
+  return {"name": run.key, "row": run.row, "column": run.column,
+          "label": row_label(run.row), **sweep.result(run)}
 
 
 def _cell(res: dict) -> str:
@@ -421,57 +308,52 @@ CSV_FIELDS = ("run", "row", "algorithm", "upload_fraction", "batch_size",
               "elapsed_s")
 
 
-def audit_runs(runs: list[Run], results: dict[str, dict], log) -> None:
+def audit_runs(runs: list[Run], results: dict[str, dict], log,
+               data=None) -> None:
   """Adds ``audit`` (loss attack AUC/advantage) to every complete result."""
-  from dssgd_jax import audit as audit_lib  # pylint: disable=g-import-not-at-top
-  from dssgd_jax.run import build  # pylint: disable=g-import-not-at-top
-  data = None
-  for run in runs:
-    res = results[run.name]
-    if res["status"] != "complete":
-      continue
-    if data is None:
-      data = build.data(run.config)
-    full = audit_lib.audit_run(run.config.workdir, attacks=("loss",),
-                               dataset=data[0], parts=data[1])
+  complete = [r for r in runs if results[r.key]["status"] == "complete"]
+  audits = sweep.audit_runs(complete, log, "reproduce", data,
+                            attacks=("loss",))
+  for key, full in audits.items():
     loss = full["attacks"]["loss"]
-    res["audit"] = {"auc": loss["auc"]["mean"],
-                    "advantage": loss["advantage"]["mean"],
-                    "auc_min": loss["auc"]["min"],
-                    "auc_max": loss["auc"]["max"],
-                    "num_members": full["num_members"]}
-    log(f"[reproduce] audit {run.name}: AUC {loss['auc']['mean']:.4f}, "
-        f"advantage {loss['advantage']['mean']:.4f}")
+    results[key]["audit"] = {"auc": loss["auc"]["mean"],
+                             "advantage": loss["advantage"]["mean"],
+                             "auc_min": loss["auc"]["min"],
+                             "auc_max": loss["auc"]["max"],
+                             "num_members": full["num_members"]}
 
 
 def write_results(workdir: str, base, rows, columns, runs, log,
-                  audit: bool = False) -> dict:
-  """Writes table.md, results.json, results.csv and the figures."""
-  results = {r.name: run_result(r) for r in runs}
+                  audit: bool = False, data=None) -> dict:
+  """Writes table.md, results.json, results.csv and the figures.
+
+  ``data``: the sweep's ``(dataset, parts)`` if loaded (for the audit).
+  """
+  results = {r.key: run_result(r) for r in runs}
   if audit:
-    audit_runs(runs, results, log)
+    audit_runs(runs, results, log, data)
   table = markdown_table(base, rows, columns, results)
-  with open(os.path.join(workdir, TABLE), "w") as f:
-    f.write(table)
-  _write_json(os.path.join(workdir, RESULTS_JSON), {
+  sweep.write_text(os.path.join(workdir, TABLE), table)
+  sweep.write_json(os.path.join(workdir, RESULTS_JSON), {
       "base_config": dataclasses.asdict(base),
       "rows": rows, "columns": [c[0] for c in columns],
       "paper": PAPER.get(base.dataset, (None, {}))[1],
       "runs": list(results.values()),
   })
-  with open(os.path.join(workdir, RESULTS_CSV), "w", newline="") as f:
-    w = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
-    w.writeheader()
-    for res in results.values():
-      cum = 0.0
-      for m in res["metrics"]:
-        cum += m["bytes_up"]
-        w.writerow({**m, "run": res["name"], "row": res["row"],
-                    "algorithm": res["algorithm"],
-                    "upload_fraction": res["upload_fraction"],
-                    "batch_size": res["batch_size"],
-                    "learning_rate": res["learning_rate"],
-                    "bytes_up_cumulative": cum})
+  f = io.StringIO()
+  w = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
+  w.writeheader()
+  for res in results.values():
+    cum = 0.0
+    for m in res["metrics"]:
+      cum += m["bytes_up"]
+      w.writerow({**m, "run": res["name"], "row": res["row"],
+                  "algorithm": res["algorithm"],
+                  "upload_fraction": res["upload_fraction"],
+                  "batch_size": res["batch_size"],
+                  "learning_rate": res["learning_rate"],
+                  "bytes_up_cumulative": cum})
+  sweep.write_text(os.path.join(workdir, RESULTS_CSV), f.getvalue())
   figures = plot_lib.plot_sweep(workdir, _manifest(base, rows, columns, runs))
   log(f"[reproduce] wrote {os.path.join(workdir, TABLE)}, "
       f"{', '.join(figures)}, {RESULTS_JSON}, {RESULTS_CSV}")
@@ -483,38 +365,26 @@ def reproduce(base: config_lib.Config, batch_sizes=(), learning_rates=(),
               baselines=BASELINES, dry_run=False, log=None,
               audit=False) -> str:
   """Runs the sweep into ``base.workdir``; returns the Markdown table."""
-  if log is None:
-    def log(msg):
-      print(msg, file=sys.stderr, flush=True)
+  log = log or sweep.log_to_stderr
   rows, columns, runs = plan(base, list(batch_sizes), list(learning_rates),
                              list(upload_fractions), list(baselines))
   if dry_run:
     for r in runs:
-      state = "complete" if is_complete(r) else "to run"
-      print(f"{r.name}\t{state}\t{r.config.workdir}")
+      state = "complete" if sweep.is_complete(r) else "to run"
+      print(f"{r.key}\t{state}\t{r.config.workdir}")
     return ""
-  try:
-    os.makedirs(base.workdir, exist_ok=True)
-  except OSError as e:
-    raise ConfigError(f"--workdir={base.workdir} cannot be created: "
-                      f"{e.strerror}.") from None
+  sweep.make_workdir(base.workdir)
   execute_start = time.time()
   # The plan first, so that ``python -m dssgd_jax.plot`` works mid-sweep.
   manifest = _manifest(base, rows, columns, runs)
-  for r in runs:  # validate existing run dirs before writing anything
-    _check_existing(r)
-  _write_json(os.path.join(base.workdir, plot_lib.MANIFEST), manifest)
-  execute(runs, log)
-  write_results(base.workdir, base, rows, columns, runs, log, audit=audit)
+  sweep.check_existing(runs)  # before writing anything
+  sweep.write_json(os.path.join(base.workdir, plot_lib.MANIFEST), manifest)
+  data = sweep.execute(runs, log, "reproduce")
+  write_results(base.workdir, base, rows, columns, runs, log, audit=audit,
+                data=data)
   log(f"[reproduce] done in {time.time() - execute_start:.0f}s.")
   with open(os.path.join(base.workdir, TABLE)) as f:
     return f.read()
-
-
-def _check_existing(run: Run) -> None:
-  if os.path.isdir(run.config.workdir):
-    from dssgd_jax.run import experiment  # pylint: disable=g-import-not-at-top
-    experiment._check_config(run.config.workdir, run.config)  # pylint: disable=protected-access
 
 
 def main(argv):

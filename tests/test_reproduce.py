@@ -10,6 +10,7 @@ import pytest
 
 from dssgd_jax.run import config as config_lib
 from dssgd_jax import reproduce
+from dssgd_jax import sweep as sweep_lib
 from dssgd_jax.errors import ConfigError
 
 from cli_helpers import jit_env as _jit_env
@@ -132,16 +133,17 @@ def test_completeness_follows_the_requested_epochs(tmp_path):
       samples_per_participant=50, epochs=3))
   _, _, runs = reproduce.plan(base, [], [], ["0.1"], [])
   (run,) = runs
-  assert run.name == "dssgd_0.1_bs32_lr0.01"
-  assert not reproduce.is_complete(run)
+  assert run.key == "dssgd_0.1_bs32_lr0.01"
+  assert run.label == "DSSGD θu = 0.1, batch size 32, learning rate 0.01"
+  assert not sweep_lib.is_complete(run)
   os.makedirs(run.config.workdir)
   summary = os.path.join(run.config.workdir, "summary.json")
   with open(summary, "w") as f:
     json.dump({"epochs": 2}, f)
-  assert not reproduce.is_complete(run)  # --epochs=3 asks for more
+  assert not sweep_lib.is_complete(run)  # --epochs=3 asks for more
   with open(summary, "w") as f:
     json.dump({"epochs": 3}, f)
-  assert reproduce.is_complete(run)
+  assert sweep_lib.is_complete(run)
 
 
 def test_plan_rows_columns_and_overrides(tmp_path):
@@ -172,6 +174,7 @@ def test_plan_rows_columns_and_overrides(tmp_path):
     (([], [], ["0"], []), "--upload_fractions"),
     (([], [], ["0.1", "0.1"], []), "--upload_fractions"),
     (([], [], [], ["gossip"]), "--baselines"),
+    (([], [], [], ["standalone", "standalone"]), "--baselines"),
     (([], [], [], []), "--upload_fractions"),
 ])
 def test_bad_sweep_flags(lists, flag, tmp_path):
@@ -197,8 +200,8 @@ def test_paper_column_for_svhn():
       samples_per_participant=50))
   rows, columns, runs = reproduce.plan(base, [], [], ["0.1", "0.01"],
                                        ["centralized", "standalone"])
-  results = {r.name: {"best_accuracy": 0.5, "status": "complete",
-                      "bytes_up_per_epoch": 8.0, "elapsed_s": 1.0}
+  results = {r.key: {"best_accuracy": 0.5, "status": "complete",
+                     "bytes_up_per_epoch": 8.0, "elapsed_s": 1.0}
              for r in runs}
   table = reproduce.markdown_table(base, rows, columns, results)
   assert "paper (SVHN" in table

@@ -279,8 +279,8 @@ def test_weighted_fedavg_equals_numpy_reference_with_unequal_sizes():
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "dssgd_jax"
 # Entry-point tools built on runs (above the run layer).
-TOOLS = {"main", "reproduce", "privacy_table", "audit", "plot", "bench",
-         "bench_scale", "cli"}
+TOOLS = {"main", "reproduce", "privacy_table", "sweep", "audit", "plot",
+         "bench", "bench_scale", "cli"}
 
 
 def _imports(path):
