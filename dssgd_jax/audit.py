@@ -73,6 +73,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dssgd_jax import _io
 from dssgd_jax.errors import UserError
 
 AUDIT_FILE = "audit.json"
@@ -593,19 +594,8 @@ def write_result(workdir: str, result: dict) -> str:
   Raises:
     AuditError: the file cannot be written (its path and the reason).
   """
-  path = os.path.join(workdir, AUDIT_FILE)
-  tmp = path + ".tmp"
-  try:
-    with open(tmp, "w") as f:
-      json.dump(result, f, indent=2)
-    os.replace(tmp, path)
-  except OSError as e:
-    try:
-      os.remove(tmp)
-    except OSError:
-      pass
-    raise AuditError(f"Cannot write {path}: {e.strerror or e}.") from None
-  return path
+  return _io.write_text(os.path.join(workdir, AUDIT_FILE),
+                        json.dumps(result, indent=2), AuditError)
 
 
 def _peek_config(workdir: str):

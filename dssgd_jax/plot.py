@@ -35,6 +35,7 @@ from absl import app
 from absl import flags
 
 from dssgd_jax import cli
+from dssgd_jax import _io
 from dssgd_jax.errors import UserError
 
 METRICS = "metrics.jsonl"
@@ -156,19 +157,11 @@ def _save(plt, fig, path: str, dpi: int) -> str:
   Raises:
     PlotError: the file cannot be written (its path and the reason).
   """
-  tmp = path + ".tmp"
   try:
-    fig.savefig(tmp, dpi=dpi, format="png")
-    os.replace(tmp, path)
-  except OSError as e:
-    try:
-      os.remove(tmp)
-    except OSError:
-      pass
-    raise PlotError(f"Cannot write {path}: {e.strerror or e}.") from None
+    return _io.atomic_write(
+        path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"), PlotError)
   finally:
     plt.close(fig)
-  return path
 
 
 def _integer_ticks(ax) -> None:

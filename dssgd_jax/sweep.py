@@ -30,6 +30,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from dssgd_jax import _io
 from dssgd_jax import plot as plot_lib
 from dssgd_jax.run import config as config_lib
 from dssgd_jax.errors import ConfigError, NonFiniteError
@@ -369,27 +370,12 @@ def audit_runs(runs: Sequence[Run], log: Log, tool: str, data=None,
 
 
 def write_text(path: str, text: str) -> None:
-  """Writes ``text`` as it is to ``path`` through ``path.tmp``.
-
-  The temporary file is flushed to disk and then renamed over ``path``, so a
-  kill or a failed write leaves an earlier file whole.
+  """Writes ``text`` as it is to ``path`` atomically (:mod:`dssgd_jax._io`).
 
   Raises:
     ConfigError: the file cannot be written (its path and the reason).
   """
-  tmp = path + ".tmp"
-  try:
-    with open(tmp, "w", newline="") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except OSError as e:
-    try:
-      os.remove(tmp)
-    except OSError:
-      pass
-    raise ConfigError(f"Cannot write {path}: {e.strerror or e}.") from None
+  _io.write_text(path, text, ConfigError)
 
 
 def write_json(path: str, obj) -> None:

@@ -6,16 +6,21 @@
 * ``config.json`` — the resolved configuration;
 * ``metrics.jsonl`` — one JSON object per epoch (accuracy of the participants'
   own models: mean/min/max, the server model's accuracy, training loss,
-  entries and bytes uploaded and downloaded per participant, ε spent, wall
-  time);
-* ``checkpoint.npz`` — server state, every participant's parameters and the
-  epoch, written atomically (a temporary file, fsync, then ``os.replace``) so a
-  kill while writing never corrupts the previous checkpoint;
-* ``summary.json`` — written when the run completes.
+  entries and bytes uploaded and downloaded per participant, lost uploads, ε
+  spent — derived from the upload rule that runs — and wall time);
+* ``checkpoint.npz`` — the protocol state stored by key path, the PRNG key
+  and the epoch, written atomically (a temporary file, fsync, then
+  ``os.replace``) so a kill while writing never corrupts the previous
+  checkpoint;
+* ``events/`` — TensorBoard scalars (:mod:`dssgd_jax.run.events`);
+* ``summary.json`` and the figures — written when the run completes.
 
 Rerunning the same command resumes from the last complete checkpoint. Epoch
 keys are ``fold_in(train_key, epoch)``, so a resumed run draws the same random
-numbers and produces the same metrics as an uninterrupted one.
+numbers and produces the same metrics as an uninterrupted one. In a
+multi-process run only process 0 writes. Every failure a user can cause is
+one :class:`~dssgd_jax.errors.UserError` sentence; Ctrl-C is
+:class:`~dssgd_jax.errors.Interrupted` (exit status 130).
 """
 
 import contextlib
@@ -31,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dssgd_jax import _io
 from dssgd_jax import evaluation
 from dssgd_jax import models as models_lib
 from dssgd_jax import participant as participant_lib
@@ -360,12 +366,7 @@ def _check_writable(workdir: str) -> None:
 
 
 def _write_json(path: str, text: str) -> None:
-  with _writing(path):
-    with open(path + ".tmp", "w") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+  _io.write_text(path, text, ConfigError)
 
 
 def run(cfg: Config, dataset=None, parts=None, log=None) -> dict:
@@ -434,9 +435,10 @@ def run(cfg: Config, dataset=None, parts=None, log=None) -> dict:
   elapsed = rows[-1]["elapsed_s"] if rows else 0.0
   tb = events_lib.open_writer(workdir, resume_epoch=start) if writer else None
   epoch_times = []
-  saved, epoch = start, start
+  saved, running = start, start + 1
   try:
     for epoch in range(start + 1, cfg.epochs + 1):
+      running = epoch
       t0 = time.time()
       key = jax.random.fold_in(exp.train_key, epoch)
       new_state, stats = exp.epoch_fn(state, exp.images, exp.labels, key)
@@ -473,8 +475,8 @@ def run(cfg: Config, dataset=None, parts=None, log=None) -> dict:
         os._exit(KILLED_EXIT)  # pylint: disable=protected-access
   except KeyboardInterrupt:
     raise Interrupted(
-        f"Interrupted during epoch {epoch + 1 if epoch < cfg.epochs else epoch}"
-        f"; the last checkpoint in {workdir} is epoch {saved}; rerun the same "
+        f"Interrupted during epoch {running}; the last checkpoint in "
+        f"{workdir} is epoch {saved}; rerun the same "
         "command to resume.") from None
   finally:
     if tb is not None:
