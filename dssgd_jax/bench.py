@@ -20,8 +20,14 @@ once) and the median taken, because timings on a shared machine drift:
   - ``epoch_loop``: a Python loop over participants calling a jitted
     single-participant local epoch (``lax.scan``) plus selection — a stronger
     loop than the FedJAX one, reported for transparency;
+  - ``round_robin``: the paper's protocol (the presets'): the same epoch with
+    participants one after another inside one jitted program
+    (``protocols.round_robin``, a ``lax.scan``);
+  - ``round_robin_4seeds``: four independent runs (``--seeds``) of it as one
+    program, the seed axis vmapped; its samples/s count all four runs' work;
   - ``torch``: the same work with PyTorch (``benchmarks/torch_loop.py``, best
-    of 1 and all threads), when PyTorch is installed;
+    of 1 and all threads), when PyTorch is installed (participants one after
+    another, like ``round_robin``);
   at batch 32 and batch 1, for ``svhn_cnn`` and ``mnist_cnn``;
 * model FLOP/s of the ``axis`` epoch (XLA's count of one training step with
   native convolutions, per example) against a 2048x2048 f32 matmul measured
@@ -33,7 +39,11 @@ once) and the median taken, because timings on a shared machine drift:
   epoch; compile time of the first epoch; XLA's peak memory estimate of the
   epoch program and the process's peak RSS.
 
-JSON keys (the headline ones refer to ``svhn_cnn``, 30 participants):
+JSON keys ``round_robin_vs_torch_b1``, ``round_robin_vs_torch_b32`` and
+``seeds_axis_speedup`` (4 seeds in one program against one run at a time,
+batch 32; ``seeds_axis_speedup_b1`` at batch 1) refer to ``mnist_cnn``, 30
+participants (null when it is not benchmarked). The other headline keys refer
+to ``svhn_cnn``, 30 participants:
 ``participant_axis_vs_loop_b32``, ``participant_axis_vs_loop_b1``,
 ``vs_torch_b32``, ``vs_torch_b1`` (null without PyTorch),
 ``flops_fraction_b32``, ``selection_speedup_vs_top_k``, ``overhead_fraction``,
@@ -177,6 +187,44 @@ class Workload:
     run()  # first execution (allocations, thread pools)
     first_s = time.perf_counter() - t0
     return run, compile_s, first_s, mem_bytes
+
+  def _program_runner(self, proto, num_seeds: int = 0) -> Callable:
+    """run() -> seconds of one jitted epoch of ``proto`` (with ``num_seeds``
+    > 0: that many independent runs, different initial models, as one
+    program with the seed axis vmapped)."""
+    srv = server_lib.init(jnp.array(self.flat, copy=True))
+    loc = jnp.tile(self.flat[None], (self.num, 1))
+    state = proto.init(srv, loc)
+    epoch = proto.epoch
+    if num_seeds:
+      noise = 1e-3 * jax.random.normal(jax.random.key(5),
+                                       (num_seeds,) + self.flat.shape)
+      state = jax.vmap(lambda z: proto.init(server_lib.init(self.flat + z),
+                                            jnp.tile((self.flat + z)[None],
+                                                     (self.num, 1))))(noise)
+      epoch = jax.vmap(proto.epoch, in_axes=(0, None, None, 0))
+    fn = jax.jit(epoch, donate_argnums=(0,))
+    holder = {"state": state}
+
+    def keys():
+      k = self.next_key()
+      return jax.random.split(k, num_seeds) if num_seeds else k
+
+    def run():
+      t = time.perf_counter()
+      state, stats = fn(holder["state"], self.images, self.labels, keys())
+      _block((state["server"].params, state["local"], stats))
+      holder["state"] = state
+      return time.perf_counter() - t
+
+    run()  # compiles
+    return run
+
+  # -- the paper's protocol: participants one after another (lax.scan).
+  def build_round_robin(self, num_seeds: int = 0) -> Callable:
+    return self._program_runner(
+        protocols.round_robin(self.update, server_lib.download_all()),
+        num_seeds)
 
   def _loop_runner(self, participant_upload: Callable) -> Callable:
     """run() -> seconds of an epoch driven by a Python loop over participants.
@@ -436,6 +484,10 @@ def run_bench(args) -> dict:
       runners[f"axis_{other}"] = w.build_axis(other)[0]
       if mesh is not None:
         runners["axis_sharded"] = w.build_axis(lowering, mesh)[0]
+      runners["round_robin"] = w.build_round_robin()
+      if args.seeds:
+        runners[f"round_robin_{args.seeds}seeds"] = w.build_round_robin(
+            args.seeds)
       runners["loop"] = w.build_loop()
       runners["epoch_loop"] = w.build_epoch_loop()
       if torch_loop is not None:
@@ -447,6 +499,8 @@ def run_bench(args) -> dict:
         if model_name == "svhn_cnn" and batch == 32:
           matmul_samples.append(matmul())
       sps = {k: w.num * w.samples / _median(v) for k, v in times.items()}
+      if args.seeds:  # samples of all seeds: S runs' work per program
+        sps[f"round_robin_{args.seeds}seeds"] *= args.seeds
       results[tag] = {
           "samples_per_s": sps, "samples_per_participant": w.samples,
           "num_params": w.d, "compile_s": c_s, "first_epoch_s": first_s,
@@ -493,7 +547,15 @@ def run_bench(args) -> dict:
     epoch_s = args.participants * CFG_SAMPLES / b32["samples_per_s"][
         b32["axis_lowering"]]
     overhead_fraction = overhead_s / epoch_s
+  seeds_key = f"round_robin_{args.seeds}seeds"
   out = {
+      "round_robin_vs_torch_b1": ratio("mnist_cnn/b1", "round_robin", "torch"),
+      "round_robin_vs_torch_b32": ratio("mnist_cnn/b32", "round_robin",
+                                        "torch"),
+      "seeds_axis_speedup": (ratio("mnist_cnn/b32", seeds_key, "round_robin")
+                             if args.seeds else None),
+      "seeds_axis_speedup_b1": (ratio("mnist_cnn/b1", seeds_key,
+                                      "round_robin") if args.seeds else None),
       "participant_axis_vs_loop_b32": ratio(f"{head}/b32", "axis", "loop"),
       "participant_axis_vs_loop_b1": ratio(f"{head}/b1", "axis", "loop"),
       "vs_torch_b32": ratio(f"{head}/b32", "axis", "torch"),
@@ -534,8 +596,8 @@ def run_bench(args) -> dict:
   # Human tables.
   print()
   print("One DSSGD epoch, samples/s (median of interleaved repeats):")
-  cols = ["axis", "axis_vmap", "axis_map", "axis_sharded", "loop",
-          "epoch_loop", "torch"]
+  cols = ["axis", "axis_vmap", "axis_map", "axis_sharded", "round_robin",
+          f"round_robin_{args.seeds}seeds", "loop", "epoch_loop", "torch"]
   print(f"{'model/batch':16s}" + "".join(f"{c:>13s}" for c in cols) +
         f"{'axis/loop':>11s}{'axis/torch':>11s}{'compile s':>10s}"
         f"{'XLA MB':>8s}")
@@ -606,6 +668,10 @@ def parse_args(argv=None):
                  "XLA:CPU devices (sets XLA_FLAGS=--xla_force_host_platform_"
                  "device_count; 0 or 1: one device only; default: one per "
                  "core, unless a GPU/TPU plugin for JAX is installed)")
+  p.add_argument("--seeds", type=int, default=4,
+                 help="independent runs vmapped in one round_robin program "
+                 "(seeds_axis_speedup: their samples/s against one run's; "
+                 "0 = skip)")
   p.add_argument("--json_out", default=None, help="also write the JSON here")
   args = p.parse_args(argv)
   args.models = [m for m in args.models.split(",") if m]
