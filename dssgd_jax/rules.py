@@ -151,6 +151,11 @@ def chain(*rules: UploadRule) -> UploadRule:
 # ----------------------------------------------------------------------------
 # Selection: which entries are uploaded (paper: "select θu of Δw").
 
+# The selection rules and noise rules by the names the command line uses
+# (``--selection``, ``--noise``; ``svt`` is the sparse vector technique).
+SELECTIONS = ("largest", "threshold", "random", "largest_approx")
+NOISES = ("none", "laplace", "gaussian", "svt")
+
 
 def _select(upload: Upload, scores: jax.Array, count: int,
             keep_all_checks: bool = False) -> Upload:

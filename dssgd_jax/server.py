@@ -84,6 +84,11 @@ def download_count(fraction: float, num_params: int) -> int:
   return min(num_params, int(math.ceil(fraction * num_params - 1e-9)))
 
 
+# The download rules by the names the command line uses (``--download_rule``;
+# ``auto`` there means all at θd = 1, else most_updated).
+DOWNLOAD_RULES = ("all", "most_updated", "random")
+
+
 class DownloadRule(NamedTuple):
   """Which entries of w_g a participant downloads (SPEC section 3).
 

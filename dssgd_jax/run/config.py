@@ -30,13 +30,15 @@ from typing import Any
 from dssgd_jax import algorithms
 from dssgd_jax import models
 from dssgd_jax import protocols
+from dssgd_jax import rules
+from dssgd_jax import server
 from dssgd_jax.data import datasets as datasets_lib
 from dssgd_jax.data import partition as partition_lib
 from dssgd_jax.errors import ConfigError
 
-SELECTIONS = ("largest", "threshold", "random", "largest_approx")
-NOISES = ("none", "laplace", "gaussian", "svt")
-DOWNLOAD_RULES = ("auto", "all", "most_updated", "random")
+SELECTIONS = rules.SELECTIONS
+NOISES = rules.NOISES
+DOWNLOAD_RULES = ("auto",) + server.DOWNLOAD_RULES
 CONV_IMPLS = ("auto",) + models.CONV_IMPLS
 PARTICIPANT_AXES = ("auto",) + protocols.PARTICIPANT_AXES
 
