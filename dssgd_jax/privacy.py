@@ -17,8 +17,8 @@ static output shapes, so it jits and vmaps over a leading participant axis:
   noise in one step. :func:`svt_noise` and :func:`svt_apply` are its two
   halves (all randomness, then the deterministic mechanism), exposed for tests
   and audits;
-* :func:`epsilon_spent` is basic composition over epochs; the Gaussian
-  mechanism's accountant is in :mod:`dssgd_jax.accounting`.
+* the ε of an upload rule built on these (and its composition over epochs)
+  is :func:`dssgd_jax.rules.claim`, through :mod:`dssgd_jax.accounting`.
 
 The SVT, step by step (per participant, per epoch, budget ε)::
 
@@ -59,7 +59,6 @@ the permutation's sorts. See the privacy section of README.md.
 """
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -187,23 +186,6 @@ def bound_and_noise(upload: Upload, clip_bound: float | jax.Array | None,
   """
   values = jnp.where(upload.mask, clip(upload.values, clip_bound), 0.0)
   return add_noise(upload._replace(values=values), noise, noise_scale, key)
-
-
-def laplace_epsilon(noise_scale: float, clip_bound: float,
-                    count: int) -> float:
-  """ε of one Laplace-noised upload with data-independent (``random``) indices.
-
-  Each of the c values lies in [-γ, γ] before noise, so the vector of values
-  has L1 sensitivity ``2γc`` (one participant's data replaced) and Laplace
-  noise of scale b gives ``ε = 2γc/b`` per epoch. Not valid with ``largest``
-  or ``threshold`` selection, whose choice of indices depends on the data.
-
-  >>> laplace_epsilon(noise_scale=0.2, clip_bound=0.001, count=100)
-  1.0
-  """
-  if noise_scale <= 0:
-    return math.inf
-  return 2.0 * clip_bound * count / noise_scale
 
 
 # ----------------------------------------------------------------------------
@@ -424,21 +406,3 @@ def _svt_select(delta, key, epsilon, clip_bound, threshold, *, count, window,
   noise = svt_noise(key, delta.shape[-1], count, epsilon, clip_bound)
   return svt_apply(delta, noise, count=count, clip_bound=clip_bound,
                    threshold=threshold, window=window, per_step=per_step)
-
-
-def epsilon_spent(epsilon, epochs):
-  """ε per participant after ``epochs`` epochs of the SVT: ``epochs·ε``.
-
-  Basic (sequential) composition of one ε-DP upload per participant per
-  epoch; the uploads may depend on earlier ones (adaptive composition).
-
-  >>> epsilon_spent(0.5, 10)
-  5.0
-  >>> epsilon_spent(0.5, np.arange(3)).tolist()
-  [0.0, 0.5, 1.0]
-  """
-  epochs = np.asarray(epochs)
-  if np.any(epochs < 0):
-    raise ValueError(f"epochs must be >= 0, got {epochs}")
-  result = epochs * float(epsilon)
-  return float(result) if result.ndim == 0 else result

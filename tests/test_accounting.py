@@ -10,13 +10,16 @@ from scipy import optimize
 from scipy import stats
 
 from dssgd_jax import accounting
-from dssgd_jax import privacy
 
 
-def test_svt_epsilon_spent_is_epochs_times_epsilon():
+def test_pure_events_compose_to_epochs_times_epsilon():
   for eps in (0.1, 1.0, 8.0):
     for epochs in (0, 1, 7, 100):
-      assert privacy.epsilon_spent(eps, epochs) == pytest.approx(epochs * eps)
+      assert accounting.compose(accounting.PureDpEvent(eps), epochs,
+                                1e-5) == (pytest.approx(epochs * eps), 0.0)
+      # Laplace with noise multiplier b/Δ: ε = Δ/b per release.
+      assert accounting.compose(dp_accounting.LaplaceDpEvent(1 / eps), epochs,
+                                1e-5)[0] == pytest.approx(epochs * eps)
 
 
 def _direct(accountant_cls, z, epochs, delta, **kw):

@@ -202,9 +202,6 @@ def test_bound_and_noise_clips_then_noises():
   np.testing.assert_array_equal(unbounded.values, up.values)
 
 
-def test_laplace_epsilon():
-  assert privacy.laplace_epsilon(0.2, 0.001, 100) == pytest.approx(1.0)
-  assert privacy.laplace_epsilon(0.0, 0.001, 100) == np.inf
 
 
 # ----------------------------------------------------------------------------
@@ -503,15 +500,6 @@ def test_svt_edge_cases():
 
 # ----------------------------------------------------------------------------
 # Composition and the docstring examples.
-
-
-def test_epsilon_spent_basic_composition():
-  assert privacy.epsilon_spent(0.5, 10) == pytest.approx(5.0)
-  assert privacy.epsilon_spent(2.0, 0) == 0.0
-  np.testing.assert_allclose(privacy.epsilon_spent(0.3, np.arange(4)),
-                             [0.0, 0.3, 0.6, 0.9])
-  with pytest.raises(ValueError):
-    privacy.epsilon_spent(1.0, -1)
 
 
 def test_docstring_examples():
