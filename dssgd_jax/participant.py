@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
+from dssgd_jax import rules
+
 
 def flatten_params(params: Any) -> tuple[jax.Array, Callable[[jax.Array], Any]]:
   """(flat float32 vector, unravel function) for a parameter pytree."""
@@ -158,8 +160,6 @@ def make_update(local_epoch: Callable, upload_rule: Any, learning_rate: float
     upload ``upload_rule(Δw)`` (an empty upload when the rule is None). Pure
     and vmappable.
   """
-  from dssgd_jax import rules  # pylint: disable=g-import-not-at-top
-
   def update(server_params, download_mask, local, images, labels, key,
              count=None):
     k_train, k_up = jax.random.split(key)

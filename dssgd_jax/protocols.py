@@ -246,16 +246,12 @@ def parallel(update: Callable, download: server_lib.DownloadRule, *,
     dl_keys, up_keys = _split_keys(participant_keys(key, num))
     up_lost, dl_lost = draw_losses(key, num, upload_loss, download_loss)
     masks = _masks(download, server, dl_keys, dl_lost)
-    if counts is None:
-      new_local, uploads, losses = map_participants(
-          update, (None, 0, 0, 0, 0, 0),
-          (server.params, masks, local, images, labels, up_keys),
-          axis.lowering, axis.mesh)
-    else:
-      new_local, uploads, losses = map_participants(
-          update, (None, 0, 0, 0, 0, 0, 0),
-          (server.params, masks, local, images, labels, up_keys, counts),
-          axis.lowering, axis.mesh)
+    args = (server.params, masks, local, images, labels, up_keys)
+    if counts is not None:  # uneven data: the real examples per participant
+      args += (counts,)
+    new_local, uploads, losses = map_participants(
+        update, (None,) + (0,) * (len(args) - 1), args, axis.lowering,
+        axis.mesh)
     received = _weigh(_drop(uploads, up_lost), weights, up_lost)
     server = _end(server_lib.apply_uploads(server, received), stat_decay,
                   decay_every)
@@ -365,9 +361,13 @@ def asynchronous(update: Callable, download: server_lib.DownloadRule, *,
           (server.params, masks, local, images, labels, up_keys),
           axis.lowering, axis.mesh)
     else:
-      masks = jax.vmap(lambda s, k, lost: _masks(
-          download, snapshot(s), k[None], lost[None])[0])(
-              stale, dl_keys, dl_lost)
+      if download.uses_key:  # each participant draws its own mask
+        masks = jax.vmap(lambda s, k: download.mask(snapshot(s), k))(
+            stale, dl_keys)
+      else:  # one mask per snapshot (at most max_staleness + 1), gathered
+        masks = jax.vmap(lambda s: download.mask(snapshot(s), dl_keys[0]))(
+            jnp.arange(max_s + 1))[stale]
+      masks = masks & ~dl_lost[:, None]
       new_local, uploads, losses = map_participants(
           update, (0,) * 6,
           (ring_params[stale], masks, local, images, labels, up_keys),
