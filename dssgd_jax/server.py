@@ -27,6 +27,7 @@ from typing import Callable, NamedTuple
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dssgd_jax.selection import Upload, random_ranks, top_k_mask
 
@@ -94,47 +95,42 @@ class DownloadRule(NamedTuple):
 
   Attributes:
     mask: ``(server_state, key) -> bool (D,)``, pure and vmappable.
-    count: the static number of entries it downloads (None: all D, sent
-      dense).
     name: how it prints.
     uses_key: whether the mask is random (each participant draws its own);
       otherwise every participant that sees the same server state gets the
       same mask, computed once.
   """
   mask: Callable[[ServerState, jax.Array], jax.Array]
-  count: int | None
   name: str
   uses_key: bool = False
 
   def __repr__(self) -> str:
     return self.name
 
-  def entries(self, num_params: int) -> int:
-    """Entries downloaded per participant per epoch."""
-    return num_params if self.count is None else min(self.count, num_params)
 
-  def bytes(self, num_params: int) -> float:
-    """Bytes one download sends: dense 4·D, else 8 per (int32, float32)
-    pair."""
-    if self.count is None or self.count >= num_params:
-      return 4.0 * num_params
-    return 8.0 * self.count
+def wire_bytes(entries, num_params: int) -> float:
+  """Mean bytes per participant of sending ``entries`` (P,) entries each: a
+  dense float32 vector (4·D) when every entry goes, else 8 per (int32 index,
+  float32 value) pair. The cost of uploads and downloads alike.
+
+  >>> wire_bytes([5, 2, 0], 5)   # (20 + 16 + 0) / 3
+  12.0
+  """
+  entries = np.asarray(entries, np.float64)
+  per = np.where(entries >= num_params, 4.0 * num_params, 8.0 * entries)
+  return float(per.mean())
 
 
 def download_none() -> DownloadRule:
-  """Nothing (a participant that trains alone).
-
-  >>> download_none().bytes(10)
-  0.0
-  """
+  """Nothing (a participant that trains alone)."""
   return DownloadRule(lambda state, key: jnp.zeros(state.params.shape, bool),
-                      0, "download_none()")
+                      "download_none()")
 
 
 def download_all() -> DownloadRule:
   """Every entry (θd = 1), sent as a dense vector."""
   return DownloadRule(lambda state, key: jnp.ones(state.params.shape, bool),
-                      None, "download_all()")
+                      "download_all()")
 
 
 def download_most_updated(count: int) -> DownloadRule:
@@ -147,7 +143,7 @@ def download_most_updated(count: int) -> DownloadRule:
   [False, True, False, True]
   """
   return DownloadRule(lambda state, key: top_k_mask(state.stat, count),
-                      int(count), f"download_most_updated({count})")
+                      f"download_most_updated({count})")
 
 
 def download_random(count: int) -> DownloadRule:
@@ -155,7 +151,7 @@ def download_random(count: int) -> DownloadRule:
   return DownloadRule(
       lambda state, key: top_k_mask(
           random_ranks(key, state.params.shape[-1]), count),
-      int(count), f"download_random({count})", uses_key=True)
+      f"download_random({count})", uses_key=True)
 
 
 def download(local: jax.Array, state: ServerState, mask: jax.Array

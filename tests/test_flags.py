@@ -133,8 +133,8 @@ def _exchange_fingerprint(cfg):
     out += [np.asarray(state["server"].params), np.asarray(state["server"].stat),
             np.asarray(state["local"]), np.asarray(stats.uploaded),
             np.asarray(stats.downloaded), np.asarray(stats.upload_lost),
-            np.asarray(experiment.wire_bytes(stats.uploaded, D)),
-            np.asarray(experiment.wire_bytes(stats.downloaded, D))]
+            np.asarray(server_lib.wire_bytes(stats.uploaded, D)),
+            np.asarray(server_lib.wire_bytes(stats.downloaded, D))]
   claim = build.claim(cfg, D, 3)
   return out, (claim.epsilon, claim.delta, claim.reason)
 

@@ -306,3 +306,14 @@ def test_no_library_module_imports_the_run_layer():
   # And the run layer is imported by the tools, so the walk is not vacuous.
   assert any(n.startswith("dssgd_jax.run") for n in _imports(
       PACKAGE / "main.py"))
+
+
+@pytest.mark.parametrize("module", [
+    "dssgd_jax.rules", "dssgd_jax.selection", "dssgd_jax.server",
+    "dssgd_jax.protocols", "dssgd_jax.algorithms", "dssgd_jax.accounting",
+    "dssgd_jax._io", "dssgd_jax.run.config", "dssgd_jax.run.build"])
+def test_docstring_examples(module):
+  import doctest  # pylint: disable=g-import-not-at-top
+  import importlib  # pylint: disable=g-import-not-at-top
+  result = doctest.testmod(importlib.import_module(module))
+  assert result.attempted > 0 and result.failed == 0, result

@@ -99,7 +99,7 @@ def test_download_all_and_none():
   assert bool(server.download_all().mask(state, key).all())
   assert not bool(server.download_none().mask(state, key).any())
   assert not bool(server.download_random(0).mask(state, key).any())
-  assert server.download_all().bytes(5) == 20.0
-  assert server.download_most_updated(2).bytes(5) == 16.0
+  assert server.wire_bytes([5], 5) == 20.0  # every entry: dense 4·D
+  assert server.wire_bytes([2], 5) == 16.0  # else 8 per (index, value) pair
   assert server.download_count(1.0, 5) == 5
   assert server.download_count(0.5, 5) == 3

@@ -7,7 +7,8 @@ into the upload rule (:mod:`dssgd_jax.rules`), the download rule
 claim. Everything below it takes explicit arguments.
 
 >>> from dssgd_jax.run.config import Config, validate
->>> cfg = validate(Config(upload_fraction=0.1, clip_bound=0.01,
+>>> cfg = validate(Config(num_participants=10, samples_per_participant=100,
+...                       upload_fraction=0.1, clip_bound=0.01,
 ...                       noise="laplace", noise_scale=1.0, selection="random"))
 >>> upload_rule(cfg, num_params=1000)
 chain(select_random(100), clip(0.01), laplace(1))

@@ -267,19 +267,6 @@ def privacy_note(cfg: Config, num_params: int, epochs: int) -> dict:
   return {"epsilon": c.epsilon, "delta": c.delta, "no_guarantee": c.reason}
 
 
-def wire_bytes(entries: np.ndarray, num_params: int) -> float:
-  """Mean bytes per participant for ``entries`` (P,) sent each: a dense
-  float32 vector (4·D) when every entry goes, else 8 per (int32 index,
-  float32 value) pair."""
-  entries = np.asarray(entries, np.float64)
-  per = np.where(entries >= num_params, 4.0 * num_params, 8.0 * entries)
-  return float(per.mean())
-
-
-# ----------------------------------------------------------------------------
-# The loop.
-
-
 def _read_metrics(path: str) -> list[dict]:
   if not os.path.exists(path):
     return []
@@ -296,13 +283,8 @@ def _read_metrics(path: str) -> list[dict]:
 
 
 def _write_lines(path: str, rows: list[dict]) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    for r in rows:
-      f.write(json.dumps(r) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  _io.write_text(path, "".join(json.dumps(r) + "\n" for r in rows),
+                 ConfigError)
 
 
 def _check_config(workdir: str, cfg: Config) -> None:
@@ -420,8 +402,7 @@ def run(cfg: Config, dataset=None, parts=None, log=None) -> dict:
   rows = [r for r in _read_metrics(metrics_path) if r["epoch"] <= start]
   if writer:
     _write_json(os.path.join(workdir, CONFIG), cfg.to_json())
-    with _writing(metrics_path):
-      _write_lines(metrics_path, rows)
+    _write_lines(metrics_path, rows)
 
   num_models = int(exp.images.shape[0])
   if cfg.progress and start < cfg.epochs:
@@ -509,8 +490,8 @@ def _metrics_row(exp: Experiment, epoch: int, state, stats, wall: float,
       train_loss=float(np.asarray(stats.loss).mean()),
       uploaded_entries=float(up_each.mean()),
       downloaded_entries=float(down_each.mean()),
-      bytes_up=wire_bytes(up_each, exp.num_params),
-      bytes_down=wire_bytes(down_each, exp.num_params),
+      bytes_up=server_lib.wire_bytes(up_each, exp.num_params),
+      bytes_down=server_lib.wire_bytes(down_each, exp.num_params),
       lost_uploads=int(np.sum(np.asarray(stats.upload_lost))),
       epsilon_spent=epsilon_spent(exp, epoch),
       num_models=int(exp.images.shape[0]),
