@@ -514,10 +514,19 @@ def audit_run(workdir: str, attacks: Sequence[str] = ATTACKS, seed: int = 0,
     from dssgd_jax.run import build  # pylint: disable=g-import-not-at-top
     dataset, parts = build.data(run_cfg)
   cfg, exp, state, epoch = load_run(workdir, dataset, parts, allow_unfinished)
-  parts = np.asarray(parts)
+  from dssgd_jax.run import build  # pylint: disable=g-import-not-at-top
+  num_seeds = exp.num_seeds
   num_test = len(dataset.test_labels)
-  members, nonmembers = choose_examples(cfg, parts, num_test, seed,
-                                        max_examples)
+  # With --num_seeds the S runs' models are audited together (S x P models,
+  # in seed order); a model's references are the other participants of its
+  # own run, which trained on none of its members or non-members.
+  seed_parts = [np.asarray(p) for p in
+                build.seed_partitions(cfg, dataset, np.asarray(parts))]
+  chosen = [choose_examples(cfg, p, num_test, seed, max_examples)
+            for p in seed_parts]
+  members = np.concatenate([m for m, _ in chosen])
+  nonmembers = np.concatenate([n for _, n in chosen])
+  per_run = chosen[0][0].shape[0]
   num_models = members.shape[0]
 
   pool_images, pool_labels, mem_pos, non_pos = _example_pool(
@@ -525,21 +534,25 @@ def audit_run(workdir: str, attacks: Sequence[str] = ATTACKS, seed: int = 0,
 
   stats_fn = make_stats_fn(exp.model.apply, exp.unravel)
   local = np.asarray(state["local"])
+  local = local.reshape((-1,) + local.shape[-1:])
   stats = stats_fn(local, pool_images, pool_labels)
-  references = [[j for j in range(num_models) if j != i]
-                for i in range(num_models)]
+  references = [[j for j in range(i - i % per_run, i - i % per_run + per_run)
+                 if j != i] for i in range(num_models)]
   result_attacks = audit_models(stats, mem_pos, non_pos, references, attacks)
 
   server = None
   if exp.shares and cfg.algorithm != "centralized":
     # The global model trained (through uploads) on every participant's data.
-    s_members, s_nonmembers = choose_examples(
-        cfg.replace(algorithm="centralized"), parts, num_test, seed,
-        max_examples)
+    s_chosen = [choose_examples(cfg.replace(algorithm="centralized"), p,
+                                num_test, seed, max_examples)
+                for p in seed_parts]
+    s_members = np.concatenate([m for m, _ in s_chosen])
+    s_nonmembers = np.concatenate([n for _, n in s_chosen])
     s_images, s_labels, s_mem_pos, s_non_pos = _example_pool(
         dataset, s_members, s_nonmembers)
-    s_stats = stats_fn(np.asarray(state["server"].params)[None], s_images,
-                       s_labels)
+    server_params = np.asarray(state["server"].params).reshape(
+        num_seeds, -1)
+    s_stats = stats_fn(server_params, s_images, s_labels)
     server = audit_models(
         s_stats, s_mem_pos, s_non_pos, None,
         [a for a in attacks if a not in REFERENCE_ATTACKS])
@@ -568,6 +581,7 @@ def audit_run(workdir: str, attacks: Sequence[str] = ATTACKS, seed: int = 0,
       "epsilon_spent": last.get("epsilon_spent"),
       "audit_seed": seed,
       "num_models": num_models,
+      "num_seeds": num_seeds,
       "num_members": m,
       "num_nonmembers": int(nonmembers.shape[1]),
       "chance_auc_se": chance_auc_se(m, int(nonmembers.shape[1])),
@@ -629,7 +643,10 @@ def format_report(result: dict) -> str:
       f"Membership-inference audit of {result['workdir']} "
       f"({result['algorithm']}, {result['dataset']}/{result['model']}, "
       f"epoch {result['epoch']}/{result['epochs']})",
-      f"  {result['num_models']} model(s); {result['num_members']} members and "
+      f"  {result['num_models']} model(s)"
+      + (f" ({result['num_seeds']} seeds)" if result.get("num_seeds", 1) > 1
+         else "")
+      + f"; {result['num_members']} members and "
       f"{result['num_nonmembers']} non-members each (seed "
       f"{result['audit_seed']}); at chance level (no leakage) a model's AUC "
       f"is 0.5 ± {result['chance_auc_se']:.3f} and its advantage about "

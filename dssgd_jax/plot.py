@@ -33,6 +33,7 @@ import sys
 
 from absl import app
 from absl import flags
+import numpy as np
 
 from dssgd_jax import cli
 from dssgd_jax import _io
@@ -109,9 +110,11 @@ def accuracy_key(algorithm: str | None) -> str:
 
 def curve(rows: list[dict], key: str = "participant_accuracy_mean"
           ) -> dict[str, list[float]]:
-  """Evaluated epochs of ``rows``: epoch, accuracy, min, max, cumulative
-  bytes uploaded per participant."""
-  out = {"epoch": [], "acc": [], "min": [], "max": [], "bytes_up": []}
+  """Evaluated epochs of ``rows``: epoch, accuracy, min, max, its standard
+  deviation over seeds (``--num_seeds``; None for one seed), cumulative bytes
+  uploaded per participant."""
+  out = {"epoch": [], "acc": [], "min": [], "max": [], "std": [],
+         "bytes_up": []}
   total = 0.0
   for r in rows:
     total += float(r.get("bytes_up") or 0.0)
@@ -119,6 +122,7 @@ def curve(rows: list[dict], key: str = "participant_accuracy_mean"
       continue
     out["epoch"].append(r["epoch"])
     out["acc"].append(r[key])
+    out["std"].append(r.get(key + "_std"))
     if key == "participant_accuracy_mean":
       out["min"].append(r["participant_accuracy_min"])
       out["max"].append(r["participant_accuracy_max"])
@@ -127,6 +131,20 @@ def curve(rows: list[dict], key: str = "participant_accuracy_mean"
       out["max"].append(r[key])
     out["bytes_up"].append(total)
   return out
+
+
+def _has_std(c: dict) -> bool:
+  return any(v is not None for v in c.get("std", []))
+
+
+def _std_band(ax, c: dict, x_key: str, color, label) -> None:
+  """The mean ± 1 std band of a seeded curve (nothing for one seed)."""
+  if not _has_std(c):
+    return
+  std = np.asarray([v or 0.0 for v in c["std"]])
+  acc = np.asarray(c["acc"])
+  ax.fill_between(c[x_key], acc - std, acc + std, alpha=0.3, color=color,
+                  lw=0, label=label)
 
 
 def _pyplot():
@@ -201,12 +219,19 @@ def plot_run(rundir: str, dpi: int = 120) -> list[str]:
       ("bytes_up", RUN_BYTES_FIGURE,
        "cumulative bytes uploaded per participant")):
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(c[x_key], c["acc"], marker="o", ms=3,
-            label="participants' models (mean)")
-    ax.fill_between(c[x_key], c["min"], c["max"], alpha=0.25,
-                    label="min–max over participants")
+    seeds = cfg.get("num_seeds") or 1
+    over = f" (mean of {seeds} seeds)" if seeds > 1 else ""
+    line = ax.plot(c[x_key], c["acc"], marker="o", ms=3,
+                   label="participants' models (mean)" + over)[0]
+    ax.fill_between(c[x_key], c["min"], c["max"],
+                    alpha=0.1 if seeds > 1 else 0.25,
+                    color=line.get_color(),
+                    label="min–max over participants" + over)
+    _std_band(ax, c, x_key, line.get_color(), f"±1 std over {seeds} seeds")
     if server["acc"] and cfg.get("algorithm") != "centralized":
-      ax.plot(server[x_key], server["acc"], ls="--", label="server model")
+      sline = ax.plot(server[x_key], server["acc"], ls="--",
+                      label="server model" + over)[0]
+      _std_band(ax, server, x_key, sline.get_color(), None)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy")
     if x_key == "epoch":
@@ -299,7 +324,9 @@ def plot_sweep(workdir: str, manifest: dict | None = None, dpi: int = 120
             ax.plot(c["bytes_up"], c["acc"], marker="o", ms=2.5, **kw)
         else:
           ax.plot(c["epoch"], c["acc"], marker="o", ms=2.5, **kw)
-          if c["min"] != c["max"]:
+          if _has_std(c):
+            _std_band(ax, c, "epoch", kw["color"], None)
+          elif c["min"] != c["max"]:
             ax.fill_between(c["epoch"], c["min"], c["max"], alpha=0.1,
                             color=kw["color"], lw=0)
       if x_key == "epoch":

@@ -30,6 +30,8 @@ import os
 import sys
 from typing import Callable, Sequence
 
+import numpy as np
+
 from dssgd_jax import _io
 from dssgd_jax import plot as plot_lib
 from dssgd_jax.run import config as config_lib
@@ -273,6 +275,7 @@ def result(run: Run) -> dict:
   status = ("complete" if len(rows) >= run.config.epochs else
             "diverged" if record else "incomplete")
   n = max(len(rows), 1)
+  seeds = _per_seed_accuracy(rows, key)
   return {
       "algorithm": run.config.algorithm,
       "upload_fraction": (run.config.upload_fraction
@@ -290,6 +293,7 @@ def result(run: Run) -> dict:
           evals[-1]["participant_accuracy_min"] if evals else None),
       "final_participant_accuracy_max": (
           evals[-1]["participant_accuracy_max"] if evals else None),
+      **seeds,
       "best_server_accuracy": max(
           (r["server_accuracy"] for r in rows
            if r.get("server_accuracy") is not None), default=None),
@@ -300,6 +304,37 @@ def result(run: Run) -> dict:
       "config": dataclasses.asdict(run.config),
       "metrics": rows,
   }
+
+
+def _per_seed_accuracy(rows: list[dict], key: str) -> dict:
+  """With ``--num_seeds``: each run's best and final accuracy, and the mean
+  ± std (``ddof=1``) over the runs of both (the best epoch chosen per run).
+
+  Overrides ``best_accuracy``/``final_accuracy`` (means over seeds of the
+  per-run values); one seed: the ``_std`` fields are None.
+  """
+  if not rows or "per_seed" not in rows[-1]:
+    return {"num_seeds": 1, "best_accuracy_std": None,
+            "final_accuracy_std": None}
+  num_seeds = len(rows[-1]["per_seed"])
+  per = []
+  for s in range(num_seeds):
+    evals = [(r["epoch"], r["per_seed"][s][key]) for r in rows
+             if r["per_seed"][s].get(key) is not None]
+    if not evals:
+      return {"num_seeds": num_seeds, "best_accuracy_std": None,
+              "final_accuracy_std": None}
+    best_epoch, best = max(evals, key=lambda e: e[1])
+    per.append({"seed": rows[-1]["per_seed"][s]["seed"], "best": best,
+                "best_epoch": best_epoch, "final": evals[-1][1]})
+  best = np.asarray([p["best"] for p in per])
+  final = np.asarray([p["final"] for p in per])
+  return {"num_seeds": num_seeds,
+          "best_accuracy": float(best.mean()),
+          "best_accuracy_std": float(best.std(ddof=1)),
+          "final_accuracy": float(final.mean()),
+          "final_accuracy_std": float(final.std(ddof=1)),
+          "per_seed": per}
 
 
 def cached_audit(workdir: str, seed: int,

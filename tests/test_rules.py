@@ -311,7 +311,8 @@ def test_no_library_module_imports_the_run_layer():
 @pytest.mark.parametrize("module", [
     "dssgd_jax.rules", "dssgd_jax.selection", "dssgd_jax.server",
     "dssgd_jax.protocols", "dssgd_jax.algorithms", "dssgd_jax.accounting",
-    "dssgd_jax._io", "dssgd_jax.run.config", "dssgd_jax.run.build"])
+    "dssgd_jax._io", "dssgd_jax.run.config", "dssgd_jax.run.build",
+    "dssgd_jax.run.experiment"])
 def test_docstring_examples(module):
   import doctest  # pylint: disable=g-import-not-at-top
   import importlib  # pylint: disable=g-import-not-at-top

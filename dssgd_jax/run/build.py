@@ -40,10 +40,40 @@ def data(cfg: Config):
   return data_lib.prepare(
       cfg.dataset, num_participants=cfg.num_participants,
       samples_per_participant=cfg.samples_per_participant, model=cfg.model,
-      seed=cfg.seed, data_source=cfg.data_source, data_dir=cfg.data_dir,
+      seed=data_seed(cfg), data_source=cfg.data_source, data_dir=cfg.data_dir,
       partition=cfg.partition, dirichlet_alpha=cfg.dirichlet_alpha,
       standardize=cfg.standardize, svhn_paper_split=cfg.svhn_paper_split,
       svhn_test_examples=cfg.svhn_test_examples)
+
+
+def data_seed(cfg: Config) -> int:
+  """The seed of the data split: ``--data_seed``, by default ``--seed``."""
+  return cfg.seed if cfg.data_seed is None else int(cfg.data_seed)
+
+
+def seed_partitions(cfg: Config, dataset, parts) -> list:
+  """The partition of each of the ``--num_seeds`` runs.
+
+  ``parts`` (from :func:`data`) for every run, or with ``--vary_partition``
+  run s's own split drawn from the data seed + s (run 0's is ``parts``).
+  """
+  if not cfg.vary_partition:
+    return [parts] * cfg.num_seeds
+  from dssgd_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  return [parts] + [
+      data_lib.make_partition(
+          cfg.partition, dataset.train_labels, cfg.num_participants,
+          cfg.samples_per_participant, data_seed(cfg) + s,
+          dirichlet_alpha=cfg.dirichlet_alpha)
+      for s in range(1, cfg.num_seeds)]
+
+
+def resolve_seed_axis(cfg: Config) -> str:
+  """``--seed_axis``, with ``auto``: ``map`` on CPU, ``vmap`` elsewhere."""
+  if cfg.seed_axis != "auto":
+    return cfg.seed_axis
+  import jax  # pylint: disable=g-import-not-at-top
+  return "map" if jax.default_backend() == "cpu" else "vmap"
 
 
 def upload_rule(cfg: Config, num_params: int) -> rules.UploadRule | None:

@@ -41,6 +41,7 @@ NOISES = rules.NOISES
 DOWNLOAD_RULES = ("auto",) + server.DOWNLOAD_RULES
 CONV_IMPLS = ("auto",) + models.CONV_IMPLS
 PARTICIPANT_AXES = ("auto",) + protocols.PARTICIPANT_AXES
+SEED_AXES = ("auto", "vmap", "map")
 
 # Training and test examples of each dataset (SVHN: train split; with
 # --svhn_paper_split the paper's 100,000-example pool), checked before any
@@ -55,7 +56,7 @@ DEFAULT_MODEL = {"digits": "digits_cnn", "mnist": "mnist_cnn",
                  "fashion_mnist": "mnist_cnn", "svhn_cropped": "svhn_cnn",
                  "cifar10": "svhn_cnn"}
 
-GROUPS = ("data", "model and training", "sharing", "privacy", "protocol",
+GROUPS = ("data", "model and training", "seeds", "sharing", "privacy", "protocol",
           "evaluation and checkpoints", "devices")
 
 
@@ -113,6 +114,22 @@ class Config:
                                 "model and training")
   seed: int = _field(0, "Random seed (data split, init, training), 0 to "
                      "2**32-1.", "model and training")
+  # Seeds (independent runs as one program).
+  num_seeds: int = _field(
+      1, "S independent runs with seeds --seed ... --seed+S-1 (initialization, "
+      "shuffling order and noise), computed as one program; metrics.jsonl "
+      "holds their mean, a <field>_std companion and per_seed values.",
+      "seeds")
+  data_seed: int | None = _field(
+      None, "Seed of the data split (which examples each participant holds, "
+      "the --eval_examples subset); default: --seed.", "seeds", kind=int)
+  vary_partition: bool = _field(
+      False, "With --num_seeds > 1: run s draws its own split from the data "
+      "seed + s (default: every run holds the same split).", "seeds")
+  seed_axis: str = _field(
+      "auto", "How the --num_seeds runs are computed: vmap (batched), map "
+      "(lax.map, one after another inside one program) or auto (vmap on "
+      "GPU/TPU, map on CPU).", "seeds", SEED_AXES)
   # Sharing (SPEC section 3).
   upload_fraction: float = _field(
       0.1, "θu, fraction of the parameters uploaded per epoch (0 = share "
@@ -208,7 +225,7 @@ _ALWAYS = {
     "workdir", "dataset", "data_source", "data_dir", "partition",
     "standardize", "model", "conv_impl", "algorithm", "num_participants",
     "samples_per_participant", "epochs", "batch_size", "learning_rate",
-    "seed", "eval_every", "eval_examples", "checkpoint_every", "progress",
+    "seed", "num_seeds", "data_seed", "eval_every", "eval_examples", "checkpoint_every", "progress",
     "mesh_shape", "cpu_devices", "coordinator_address"}
 
 
@@ -224,6 +241,9 @@ def consumed_flags(cfg: Config) -> dict[str, str]:
     for n in names:
       why.setdefault(n, reason)
 
+  if cfg.num_seeds == 1:
+    unused(["vary_partition", "seed_axis"],
+           "which only --num_seeds > 1 reads")
   if cfg.partition != "dirichlet":
     unused(["dirichlet_alpha"], f"which only --partition=dirichlet reads")
   if cfg.dataset != "svhn_cropped":
@@ -385,6 +405,17 @@ def validate(cfg: Config) -> Config:
                "cpu_devices"):
     _number(cfg, name, 0, integer=True, allow_low=True)
   _number(cfg, "seed", 0, integer=True, allow_low=True, high=2**32 - 1)
+  _number(cfg, "num_seeds", 0, integer=True)
+  if cfg.seed + cfg.num_seeds - 1 > 2**32 - 1:
+    raise ConfigError(f"--seed={cfg.seed} + --num_seeds={cfg.num_seeds} - 1 "
+                      "must be at most 2**32-1.")
+  if cfg.data_seed is not None:
+    _number(cfg, "data_seed", 0, integer=True, allow_low=True,
+            high=2**32 - cfg.num_seeds)
+  if cfg.num_seeds > 1 and cfg.coordinator_address:
+    raise ConfigError(f"--num_seeds={cfg.num_seeds} runs on one process; "
+                      "drop --coordinator_address (or run the seeds one at "
+                      "a time).")
   for name in ("learning_rate", "dirichlet_alpha", "delta"):
     _number(cfg, name, 0)
   for name in ("threshold", "noise_scale"):

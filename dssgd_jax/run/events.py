@@ -63,6 +63,12 @@ def scalars(row: dict[str, Any]) -> dict[str, float]:
   """
   out = {}
   for tag, value in row.items():
+    if tag == "per_seed" and isinstance(value, list):
+      for run in value:  # --num_seeds: each run's values as seed_<s>/<field>
+        for t, v in scalars(run).items():
+          if t != "seed":
+            out[f"seed_{run.get('seed')}/{t}"] = v
+      continue
     if tag == "epoch" or isinstance(value, bool):
       continue
     # numbers.Real covers int, float and numpy's scalar numbers (but not

@@ -80,7 +80,13 @@ class Experiment:
   evaluate: Callable            # state -> (accuracies, server accuracy)
   test_images: np.ndarray
   test_labels: np.ndarray
-  train_key: jax.Array
+  train_key: jax.Array          # () or, with seeds, (S,)
+  num_seeds: int = 1
+
+  @property
+  def num_models(self) -> int:
+    """Models per run: N participants (1 for ``centralized``)."""
+    return int(self.init_state["local"].shape[1 if self.num_seeds > 1 else 0])
 
   @property
   def shares(self) -> bool:
@@ -102,6 +108,11 @@ def setup(cfg: Config, dataset=None, parts=None) -> Experiment:
   """Loads data, builds the model, the protocol, the state and the jitted
   epoch.
 
+  With ``--num_seeds=S`` > 1 every array of the state (and the PRNG key) has
+  a leading seed axis of size S, the private data too under
+  ``--vary_partition``, and the epoch maps the protocol's epoch over it
+  (``--seed_axis``): run s is the run of ``--seed`` + s.
+
   Args:
     cfg: a validated config.
     dataset: optional preloaded :class:`~dssgd_jax.data.Dataset` (already
@@ -110,56 +121,136 @@ def setup(cfg: Config, dataset=None, parts=None) -> Experiment:
   """
   if dataset is None:
     dataset, parts = build.data(cfg)
+  num_seeds = int(cfg.num_seeds)
   model = models_lib.get_model(cfg.model, dataset.num_classes,
                                conv_impl=build.resolve_conv_impl(cfg))
-  root = jax.random.key(cfg.seed)
-  init_key, train_key = jax.random.split(root)
-  params = models_lib.init_params(model, dataset.image_shape, init_key)
-  flat, unravel = participant_lib.flatten_params(params)
-  num_params = int(flat.shape[0])
-  images, labels = participant_layout(
-      cfg, dataset.train_images, dataset.train_labels, parts)
+  init_keys, train_keys = [], []
+  for s in range(num_seeds):
+    init_key, train_key = jax.random.split(jax.random.key(cfg.seed + s))
+    init_keys.append(init_key)
+    train_keys.append(train_key)
+  flats = []
+  for init_key in init_keys:
+    params = models_lib.init_params(model, dataset.image_shape, init_key)
+    flat, unravel = participant_lib.flatten_params(params)
+    flats.append(flat)
+  num_params = int(flats[0].shape[0])
+  layouts = [participant_layout(cfg, dataset.train_images,
+                                dataset.train_labels, p)
+             for p in build.seed_partitions(cfg, dataset, parts)[
+                 :1 if not cfg.vary_partition else num_seeds]]
+  images, labels = layouts[0]
   num_models = images.shape[0]
-  place = sharding_lib.placement(num_models, cfg.mesh_shape)
+  if num_seeds > 1:
+    if cfg.mesh_shape > 1:
+      raise ConfigError(
+          f"--num_seeds={num_seeds} runs on one device, not "
+          f"--mesh_shape={cfg.mesh_shape}; leave --mesh_shape at 0 (or run "
+          "the seeds one at a time).")
+    place = sharding_lib.placement(num_models, 1)
+  else:
+    place = sharding_lib.placement(num_models, cfg.mesh_shape)
   lowering = build.resolve_participant_axis(cfg)
   axis = protocols.ParticipantAxis(
       lowering, place.mesh if lowering == "map" else None)
   local_epoch = participant_lib.make_local_epoch(model.apply, unravel,
                                                  int(cfg.batch_size))
   proto = build.protocol(cfg, local_epoch, num_params, axis)
-  local = jnp.tile(flat[None], (num_models, 1))
-  state = place.put_state(proto.init(server_lib.init(flat), local))
+  states = [proto.init(server_lib.init(f), jnp.tile(f[None], (num_models, 1)))
+            for f in flats]
   upload_rule = build.upload_rule(cfg, num_params)
 
   test_x, test_y = dataset.test_images, dataset.test_labels
   if cfg.eval_examples and cfg.eval_examples < len(test_y):
-    pick = np.random.default_rng(cfg.seed + 1).choice(
+    pick = np.random.default_rng(build.data_seed(cfg) + 1).choice(
         len(test_y), cfg.eval_examples, replace=False)
     pick.sort()
     test_x, test_y = test_x[pick], test_y[pick]
   evaluate = evaluation.make_evaluator(model.apply, unravel, test_x, test_y,
-                                       num_models)
+                                       num_seeds * num_models)
   server_eval = evaluation.make_evaluator(model.apply, unravel, test_x,
-                                          test_y, 1)
+                                          test_y, num_seeds)
 
   def evaluate_all(st):
-    acc = np.asarray(evaluate(st["local"]))
-    if cfg.algorithm == "centralized":
-      return acc, float(acc[0])  # the one model is also the "server" model
+    """(accuracies, server accuracy): (P,) and a float (or None); with
+    seeds (S, P) and (S,)."""
+    local = st["local"]
+    if num_seeds > 1:
+      local = local.reshape((-1,) + local.shape[2:])
+    acc = np.asarray(evaluate(local))
+    if num_seeds > 1:
+      acc = acc.reshape(num_seeds, num_models)
+    if cfg.algorithm == "centralized":  # the one model is also the server's
+      return acc, (acc[:, 0] if num_seeds > 1 else float(acc[0]))
     if upload_rule is None:
       return acc, None  # nothing is shared: the server is never updated
-    server_acc = float(np.asarray(server_eval(st["server"].params[None]))[0])
-    return acc, server_acc
+    server = st["server"].params
+    server_acc = np.asarray(server_eval(server if num_seeds > 1
+                                        else server[None]))
+    return acc, (server_acc if num_seeds > 1 else float(server_acc[0]))
 
+  if num_seeds == 1:
+    state = place.put_state(states[0])
+    epoch_fn = place.jit_epoch(proto.epoch)
+    train_key = train_keys[0]
+  else:
+    state = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *states)
+    if cfg.vary_partition:
+      images = np.stack([x for x, _ in layouts])
+      labels = np.stack([y for _, y in layouts])
+    epoch_fn = jax.jit(
+        seed_axis_epoch(proto.epoch, build.resolve_seed_axis(cfg),
+                        shared_data=not cfg.vary_partition),
+        donate_argnums=(0,))
+    train_key = jnp.stack(train_keys)
   images, labels = place.put_data(images, labels)
   return Experiment(
       cfg=cfg, model=model, unravel=unravel, num_params=num_params,
       protocol=proto, upload_rule=upload_rule,
       download_rule=build.download_rule(cfg, num_params), axis=axis,
-      epoch_fn=place.jit_epoch(proto.epoch), init_state=state,
+      epoch_fn=epoch_fn, init_state=state,
       images=images, labels=labels,
       evaluate=evaluate_all, test_images=test_x, test_labels=test_y,
-      train_key=train_key)
+      train_key=train_key, num_seeds=num_seeds)
+
+
+def seed_axis_epoch(epoch_fn: Callable, lowering: str,
+                    shared_data: bool = True) -> Callable:
+  """``epoch_fn(state, images, labels, key)`` over a leading seed axis.
+
+  Args:
+    epoch_fn: one run's epoch (a :class:`~dssgd_jax.protocols.Protocol`'s).
+    lowering: ``vmap`` (batched) or ``map`` (``lax.map``: one seed after
+      another inside one program).
+    shared_data: every seed trains on the same ``images``/``labels``
+      (otherwise they have a leading seed axis too).
+
+  Returns:
+    ``(states (S, ...), images, labels, keys (S,)) -> (states, stats (S,
+    ...))``; seed s's slice equals ``epoch_fn`` on seed s's slices.
+  """
+  if lowering not in ("vmap", "map"):
+    raise ValueError(f"lowering={lowering!r} is not vmap or map")
+
+  def epoch(state, images, labels, keys):
+    if lowering == "vmap":
+      data_axis = None if shared_data else 0
+      return jax.vmap(epoch_fn, in_axes=(0, data_axis, data_axis, 0))(
+          state, images, labels, keys)
+    if shared_data:
+      return jax.lax.map(lambda a: epoch_fn(a[0], images, labels, a[1]),
+                         (state, keys))
+    return jax.lax.map(lambda a: epoch_fn(*a), (state, images, labels, keys))
+
+  return epoch
+
+
+def epoch_key(train_key: jax.Array, epoch: int) -> jax.Array:
+  """The PRNG key of ``epoch``: ``fold_in(train_key, epoch)``, per seed when
+  ``train_key`` has a seed axis."""
+  if train_key.ndim:
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(train_key, epoch)
+  return jax.random.fold_in(train_key, epoch)
 
 
 
@@ -404,7 +495,7 @@ def run(cfg: Config, dataset=None, parts=None, log=None) -> dict:
     _write_json(os.path.join(workdir, CONFIG), cfg.to_json())
     _write_lines(metrics_path, rows)
 
-  num_models = int(exp.images.shape[0])
+  num_models = exp.num_models
   if cfg.progress and start < cfg.epochs:
     mesh = exp.axis.mesh
     axis = ("" if exp.protocol.name == "round_robin" else
@@ -421,13 +512,15 @@ def run(cfg: Config, dataset=None, parts=None, log=None) -> dict:
     for epoch in range(start + 1, cfg.epochs + 1):
       running = epoch
       t0 = time.time()
-      key = jax.random.fold_in(exp.train_key, epoch)
+      key = epoch_key(exp.train_key, epoch)
       new_state, stats = exp.epoch_fn(state, exp.images, exp.labels, key)
       losses = np.asarray(stats.loss)
       if not np.all(np.isfinite(losses)):
-        bad = int(np.flatnonzero(~np.isfinite(losses))[0])
+        bad = tuple(int(i) for i in np.argwhere(~np.isfinite(losses))[0])
         who = "the model" if cfg.algorithm == "centralized" else (
-            f"participant {bad}")
+            f"participant {bad[-1]}")
+        if exp.num_seeds > 1:
+          who += f" of the run with seed {cfg.seed + bad[0]}"
         raise NonFiniteError(
             f"Epoch {epoch}: {who} has a non-finite training loss "
             f"({losses[bad]}); stopping — try a smaller --learning_rate "
@@ -472,33 +565,85 @@ def run(cfg: Config, dataset=None, parts=None, log=None) -> dict:
 
 def _metrics_row(exp: Experiment, epoch: int, state, stats, wall: float,
                  elapsed: float) -> dict:
-  """One line of ``metrics.jsonl`` (see README "What a run writes")."""
+  """One line of ``metrics.jsonl`` (see README "What a run writes").
+
+  With seeds every per-run field is the mean over the seeds, with a
+  ``<field>_std`` companion (sample standard deviation, ``ddof=1``) and the
+  runs' own values in ``per_seed``.
+  """
   cfg = exp.cfg
-  row = {"epoch": epoch}
+  num_seeds = exp.num_seeds
+  acc = server_acc = None
   if _is_eval_epoch(cfg, epoch):
     acc, server_acc = exp.evaluate(state)
-    row.update(participant_accuracy_mean=float(acc.mean()),
+  per = []
+  for s in range(num_seeds):
+    if num_seeds == 1:
+      per.append(_run_fields(exp, epoch, acc, server_acc, stats))
+    else:
+      per.append(_run_fields(
+          exp, epoch, None if acc is None else acc[s],
+          None if server_acc is None else float(server_acc[s]),
+          jax.tree_util.tree_map(lambda x, s=s: x[s], stats)))
+  row = {"epoch": epoch}
+  if num_seeds == 1:
+    row.update(per[0])
+  else:
+    row.update(mean_over_seeds(per))
+  row.update(num_models=exp.num_models,
+             num_params=exp.num_params,
+             wall_time_s=wall,
+             elapsed_s=elapsed + wall)
+  if num_seeds > 1:
+    row["num_seeds"] = num_seeds
+    row["per_seed"] = [dict(seed=cfg.seed + s, **p)
+                       for s, p in enumerate(per)]
+  return row
+
+
+def _run_fields(exp: Experiment, epoch: int, acc, server_acc, stats) -> dict:
+  """The fields of one run (one seed) in a metrics row."""
+  out = {}
+  if acc is not None:
+    acc = np.asarray(acc)
+    out.update(participant_accuracy_mean=float(acc.mean()),
                participant_accuracy_min=float(acc.min()),
                participant_accuracy_max=float(acc.max()),
                server_accuracy=server_acc)
   else:
-    row.update(participant_accuracy_mean=None, participant_accuracy_min=None,
+    out.update(participant_accuracy_mean=None, participant_accuracy_min=None,
                participant_accuracy_max=None, server_accuracy=None)
   up_each = np.asarray(stats.uploaded)
   down_each = np.asarray(stats.downloaded)
-  row.update(
+  out.update(
       train_loss=float(np.asarray(stats.loss).mean()),
       uploaded_entries=float(up_each.mean()),
       downloaded_entries=float(down_each.mean()),
       bytes_up=server_lib.wire_bytes(up_each, exp.num_params),
       bytes_down=server_lib.wire_bytes(down_each, exp.num_params),
       lost_uploads=int(np.sum(np.asarray(stats.upload_lost))),
-      epsilon_spent=epsilon_spent(exp, epoch),
-      num_models=int(exp.images.shape[0]),
-      num_params=exp.num_params,
-      wall_time_s=wall,
-      elapsed_s=elapsed + wall)
-  return row
+      epsilon_spent=epsilon_spent(exp, epoch))
+  return out
+
+
+def mean_over_seeds(per_seed: list[dict]) -> dict:
+  """Each field's mean over runs and its ``<field>_std`` (``ddof=1``);
+  None where any run has None.
+
+  >>> mean_over_seeds([{"loss": 1, "eps": None}, {"loss": 2, "eps": None},
+  ...                  {"loss": 3, "eps": None}])
+  {'loss': 2.0, 'loss_std': 1.0, 'eps': None, 'eps_std': None}
+  """
+  out = {}
+  for name in per_seed[0]:
+    values = [p[name] for p in per_seed]
+    if any(v is None for v in values):
+      out[name], out[name + "_std"] = None, None
+      continue
+    v = np.asarray(values, dtype=np.float64)
+    out[name] = float(v.mean())
+    out[name + "_std"] = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+  return out
 
 
 def _draw_figures(workdir: str, log: Callable[[str], None]) -> None:
@@ -516,8 +661,10 @@ def _progress_line(cfg: Config, row: dict, epoch_times: list[float]) -> str:
   last (steady) epochs."""
   parts = [f"[{cfg.algorithm}] epoch {row['epoch']}/{cfg.epochs}"]
   if row["participant_accuracy_mean"] is not None:
+    std = row.get("participant_accuracy_mean_std")
+    pm = "" if std is None else f" ± {std:.4f} over {row['num_seeds']} seeds"
     parts.append(
-        f"test acc {row['participant_accuracy_mean']:.4f} "
+        f"test acc {row['participant_accuracy_mean']:.4f}{pm} "
         f"(participants min {row['participant_accuracy_min']:.3f}, max "
         f"{row['participant_accuracy_max']:.3f})")
     if row["server_accuracy"] is not None:
@@ -537,10 +684,34 @@ def _progress_line(cfg: Config, row: dict, epoch_times: list[float]) -> str:
 
 
 def summarize(cfg: Config, rows: list[dict]) -> dict:
-  """Final and best accuracies, total cost and ε of a list of metric rows."""
+  """Final and best accuracies, total cost and ε of a list of metric rows.
+
+  ``final_*`` is the last evaluated epoch; ``best_participant_accuracy_mean``
+  the best evaluated epoch's, which is selection on the test set. With seeds
+  each field is the mean over the runs with a ``<field>_std`` companion (the
+  best epoch chosen per run), and ``per_seed`` holds each run's summary.
+  """
+  if rows and "per_seed" in rows[-1]:
+    num_seeds = len(rows[-1]["per_seed"])
+    per = [_summarize_one(cfg, [dict(r["per_seed"][s], epoch=r["epoch"],
+                                     elapsed_s=r["elapsed_s"]) for r in rows])
+           for s in range(num_seeds)]
+    fixed = ("algorithm", "epochs", "elapsed_s")
+    out = {k: per[0][k] for k in fixed}
+    out.update(mean_over_seeds([{k: v for k, v in p.items() if k not in fixed}
+                                for p in per]))
+    out["num_seeds"] = num_seeds
+    out["per_seed"] = [dict(seed=r["seed"], **p)
+                       for r, p in zip(rows[-1]["per_seed"], per)]
+    return out
+  return _summarize_one(cfg, rows)
+
+
+def _summarize_one(cfg: Config, rows: list[dict]) -> dict:
   evals = [r for r in rows if r["participant_accuracy_mean"] is not None]
   last = evals[-1] if evals else {}
-  best = max((r["participant_accuracy_mean"] for r in evals), default=None)
+  best_row = max(evals, key=lambda r: r["participant_accuracy_mean"],
+                 default={})
   return {
       "algorithm": cfg.algorithm,
       "epochs": rows[-1]["epoch"] if rows else 0,
@@ -548,7 +719,9 @@ def summarize(cfg: Config, rows: list[dict]) -> dict:
       "final_participant_accuracy_min": last.get("participant_accuracy_min"),
       "final_participant_accuracy_max": last.get("participant_accuracy_max"),
       "final_server_accuracy": last.get("server_accuracy"),
-      "best_participant_accuracy_mean": best,
+      "best_participant_accuracy_mean": best_row.get(
+          "participant_accuracy_mean"),
+      "best_epoch": best_row.get("epoch"),
       "bytes_up_total": float(sum(r["bytes_up"] for r in rows)),
       "bytes_down_total": float(sum(r["bytes_down"] for r in rows)),
       "epsilon_spent": rows[-1]["epsilon_spent"] if rows else None,
