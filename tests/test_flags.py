@@ -200,7 +200,7 @@ def _run_fingerprint(cfg):
   state = exp.init_state
   for e in range(1, cfg.epochs + 1):
     state, _ = exp.epoch_fn(state, exp.images, exp.labels,
-                            jax.random.fold_in(exp.train_key, e))
+                            experiment.epoch_key(exp.train_key, e))
   acc, _ = exp.evaluate(state)
   return [np.asarray(state["local"]), np.asarray(acc)], None
 
@@ -209,7 +209,8 @@ RUN_ALTERNATIVES = {
     "model": "digits_cnn", "learning_rate": 0.2, "batch_size": 4,
     "num_participants": 2, "samples_per_participant": 20, "epochs": 1,
     "seed": 3, "partition": "shards", "standardize": True,
-    "eval_examples": 30, "dirichlet_alpha": 2.0,
+    "eval_examples": 30, "dirichlet_alpha": 2.0, "data_seed": 7,
+    "num_seeds": 2,
 }
 
 
@@ -230,7 +231,9 @@ def test_the_tables_cover_every_flag():
           "conv_impl", "participant_axis", "mesh_shape", "cpu_devices",
           "coordinator_address", "num_processes", "process_id", "workdir",
           "progress", "checkpoint_every", "eval_every", "data_source",
-          "data_dir", "svhn_paper_split", "svhn_test_examples"})
+          "data_dir", "svhn_paper_split", "svhn_test_examples",
+          # tests/test_seeds.py: the split per seed; the same numbers.
+          "vary_partition", "seed_axis"})
   assert covered == set(config_lib.FIELDS)
 
 
@@ -252,6 +255,10 @@ def test_unread_flags_are_rejected_with_the_reason():
             l2_clip=1.0, delta=1e-6), "--delta"),
       (dict(model="mnist_cnn"), "--model=mnist_cnn"),
       (dict(seed=-1), "--seed"),
+      (dict(vary_partition=True), "--vary_partition"),
+      (dict(seed_axis="vmap"), "--seed_axis"),
+      (dict(num_seeds=0), "--num_seeds"),
+      (dict(num_seeds=3, seed=2**32 - 2), "--num_seeds"),
       (dict(seed=2**70), "--seed"),
       (dict(learning_rate=float("inf")), "must be finite"),
   ]

@@ -412,6 +412,10 @@ def validate(cfg: Config) -> Config:
   if cfg.data_seed is not None:
     _number(cfg, "data_seed", 0, integer=True, allow_low=True,
             high=2**32 - cfg.num_seeds)
+  if cfg.num_seeds > 1 and cfg.mesh_shape > 1:
+    raise ConfigError(f"--num_seeds={cfg.num_seeds} runs on one device, not "
+                      f"--mesh_shape={cfg.mesh_shape}; leave --mesh_shape at "
+                      "0 (or run the seeds one at a time).")
   if cfg.num_seeds > 1 and cfg.coordinator_address:
     raise ConfigError(f"--num_seeds={cfg.num_seeds} runs on one process; "
                       "drop --coordinator_address (or run the seeds one at "

@@ -141,12 +141,7 @@ def setup(cfg: Config, dataset=None, parts=None) -> Experiment:
                  :1 if not cfg.vary_partition else num_seeds]]
   images, labels = layouts[0]
   num_models = images.shape[0]
-  if num_seeds > 1:
-    if cfg.mesh_shape > 1:
-      raise ConfigError(
-          f"--num_seeds={num_seeds} runs on one device, not "
-          f"--mesh_shape={cfg.mesh_shape}; leave --mesh_shape at 0 (or run "
-          "the seeds one at a time).")
+  if num_seeds > 1:  # one device (config.validate rejects --mesh_shape > 1)
     place = sharding_lib.placement(num_models, 1)
   else:
     place = sharding_lib.placement(num_models, cfg.mesh_shape)
