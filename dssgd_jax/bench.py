@@ -24,7 +24,9 @@ once) and the median taken, because timings on a shared machine drift:
     participants one after another inside one jitted program
     (``protocols.round_robin``, a ``lax.scan``);
   - ``round_robin_4seeds``: four independent runs (``--seeds``) of it as one
-    program, the seed axis vmapped; its samples/s count all four runs' work;
+    program, the seed axis lowered as ``--num_seeds`` lowers it by default
+    (``lax.map`` on CPU, ``vmap`` on GPU/TPU), and ``round_robin_4seeds_vmap``
+    (or ``_map``) the other lowering; samples/s count all four runs' work;
   - ``torch``: the same work with PyTorch (``benchmarks/torch_loop.py``, best
     of 1 and all threads), when PyTorch is installed (participants one after
     another, like ``round_robin``);
@@ -188,10 +190,13 @@ class Workload:
     first_s = time.perf_counter() - t0
     return run, compile_s, first_s, mem_bytes
 
-  def _program_runner(self, proto, num_seeds: int = 0) -> Callable:
+  def _program_runner(self, proto, num_seeds: int = 0,
+                      seed_axis: str = "vmap") -> Callable:
     """run() -> seconds of one jitted epoch of ``proto`` (with ``num_seeds``
     > 0: that many independent runs, different initial models, as one
-    program with the seed axis vmapped)."""
+    program with the seed axis lowered as ``seed_axis``, exactly as
+    ``--num_seeds`` runs it: :func:`dssgd_jax.protocols.over_seeds`).
+    """
     srv = server_lib.init(jnp.array(self.flat, copy=True))
     loc = jnp.tile(self.flat[None], (self.num, 1))
     state = proto.init(srv, loc)
@@ -202,7 +207,7 @@ class Workload:
       state = jax.vmap(lambda z: proto.init(server_lib.init(self.flat + z),
                                             jnp.tile((self.flat + z)[None],
                                                      (self.num, 1))))(noise)
-      epoch = jax.vmap(proto.epoch, in_axes=(0, None, None, 0))
+      epoch = protocols.over_seeds(proto.epoch, seed_axis)
     fn = jax.jit(epoch, donate_argnums=(0,))
     holder = {"state": state}
 
@@ -221,10 +226,11 @@ class Workload:
     return run
 
   # -- the paper's protocol: participants one after another (lax.scan).
-  def build_round_robin(self, num_seeds: int = 0) -> Callable:
+  def build_round_robin(self, num_seeds: int = 0,
+                        seed_axis: str = "vmap") -> Callable:
     return self._program_runner(
         protocols.round_robin(self.update, server_lib.download_all()),
-        num_seeds)
+        num_seeds, seed_axis)
 
   def _loop_runner(self, participant_upload: Callable) -> Callable:
     """run() -> seconds of an epoch driven by a Python loop over participants.
@@ -475,6 +481,9 @@ def run_bench(args) -> dict:
       lowering = (protocols.auto_lowering(model_name)
                   if args.participant_axis == "auto" else args.participant_axis)
       other = "vmap" if lowering == "map" else "map"
+      # --seed_axis=auto (dssgd_jax.run.build.resolve_seed_axis).
+      seed_lowering = "map" if jax.default_backend() == "cpu" else "vmap"
+      other_seed = "vmap" if seed_lowering == "map" else "map"
       tag = f"{model_name}/b{batch}"
       print(f"[{tag}] compiling ...", flush=True)
       runners = {}
@@ -485,9 +494,11 @@ def run_bench(args) -> dict:
       if mesh is not None:
         runners["axis_sharded"] = w.build_axis(lowering, mesh)[0]
       runners["round_robin"] = w.build_round_robin()
-      if args.seeds:
+      if args.seeds:  # as --seed_axis=auto runs them, and the other lowering
         runners[f"round_robin_{args.seeds}seeds"] = w.build_round_robin(
-            args.seeds)
+            args.seeds, seed_lowering)
+        runners[f"round_robin_{args.seeds}seeds_{other_seed}"] = (
+            w.build_round_robin(args.seeds, other_seed))
       runners["loop"] = w.build_loop()
       runners["epoch_loop"] = w.build_epoch_loop()
       if torch_loop is not None:
@@ -501,6 +512,7 @@ def run_bench(args) -> dict:
       sps = {k: w.num * w.samples / _median(v) for k, v in times.items()}
       if args.seeds:  # samples of all seeds: S runs' work per program
         sps[f"round_robin_{args.seeds}seeds"] *= args.seeds
+        sps[f"round_robin_{args.seeds}seeds_{other_seed}"] *= args.seeds
       results[tag] = {
           "samples_per_s": sps, "samples_per_participant": w.samples,
           "num_params": w.d, "compile_s": c_s, "first_epoch_s": first_s,

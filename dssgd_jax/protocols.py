@@ -380,3 +380,42 @@ def asynchronous(update: Callable, download: server_lib.DownloadRule, *,
             _stats(losses, uploads, masks, up_lost))
 
   return Protocol(init, epoch, "async")
+
+
+def over_seeds(epoch_fn: Callable, lowering: str,
+                shared_data: bool = True) -> Callable:
+  """``epoch_fn(state, images, labels, key)`` over a leading seed axis.
+
+  Args:
+    epoch_fn: one run's epoch (a :class:`~dssgd_jax.protocols.Protocol`'s).
+    lowering: ``vmap`` (batched) or ``map`` (``lax.map``: one seed after
+      another inside one program).
+    shared_data: every seed trains on the same ``images``/``labels``
+      (otherwise they have a leading seed axis too).
+
+  Returns:
+    ``(states (S, ...), images, labels, keys (S,)) -> (states, stats (S,
+    ...))``; seed s's slice equals ``epoch_fn`` on seed s's slices.
+
+  >>> import jax.numpy as jnp
+  >>> def epoch(state, images, labels, key):  # a stand-in protocol epoch
+  ...   return state + images.sum() + key, key
+  >>> new, stats = over_seeds(epoch, "map")(jnp.zeros(3), jnp.ones(2), None,
+  ...                                       jnp.arange(3.0))
+  >>> new.tolist(), stats.tolist()
+  ([2.0, 3.0, 4.0], [0.0, 1.0, 2.0])
+  """
+  if lowering not in ("vmap", "map"):
+    raise ValueError(f"lowering={lowering!r} is not vmap or map")
+
+  def epoch(state, images, labels, keys):
+    if lowering == "vmap":
+      data_axis = None if shared_data else 0
+      return jax.vmap(epoch_fn, in_axes=(0, data_axis, data_axis, 0))(
+          state, images, labels, keys)
+    if shared_data:
+      return jax.lax.map(lambda a: epoch_fn(a[0], images, labels, a[1]),
+                         (state, keys))
+    return jax.lax.map(lambda a: epoch_fn(*a), (state, images, labels, keys))
+
+  return epoch

@@ -194,7 +194,7 @@ def setup(cfg: Config, dataset=None, parts=None) -> Experiment:
       images = np.stack([x for x, _ in layouts])
       labels = np.stack([y for _, y in layouts])
     epoch_fn = jax.jit(
-        seed_axis_epoch(proto.epoch, build.resolve_seed_axis(cfg),
+        protocols.over_seeds(proto.epoch, build.resolve_seed_axis(cfg),
                         shared_data=not cfg.vary_partition),
         donate_argnums=(0,))
     train_key = jnp.stack(train_keys)
@@ -207,37 +207,6 @@ def setup(cfg: Config, dataset=None, parts=None) -> Experiment:
       images=images, labels=labels,
       evaluate=evaluate_all, test_images=test_x, test_labels=test_y,
       train_key=train_key, num_seeds=num_seeds)
-
-
-def seed_axis_epoch(epoch_fn: Callable, lowering: str,
-                    shared_data: bool = True) -> Callable:
-  """``epoch_fn(state, images, labels, key)`` over a leading seed axis.
-
-  Args:
-    epoch_fn: one run's epoch (a :class:`~dssgd_jax.protocols.Protocol`'s).
-    lowering: ``vmap`` (batched) or ``map`` (``lax.map``: one seed after
-      another inside one program).
-    shared_data: every seed trains on the same ``images``/``labels``
-      (otherwise they have a leading seed axis too).
-
-  Returns:
-    ``(states (S, ...), images, labels, keys (S,)) -> (states, stats (S,
-    ...))``; seed s's slice equals ``epoch_fn`` on seed s's slices.
-  """
-  if lowering not in ("vmap", "map"):
-    raise ValueError(f"lowering={lowering!r} is not vmap or map")
-
-  def epoch(state, images, labels, keys):
-    if lowering == "vmap":
-      data_axis = None if shared_data else 0
-      return jax.vmap(epoch_fn, in_axes=(0, data_axis, data_axis, 0))(
-          state, images, labels, keys)
-    if shared_data:
-      return jax.lax.map(lambda a: epoch_fn(a[0], images, labels, a[1]),
-                         (state, keys))
-    return jax.lax.map(lambda a: epoch_fn(*a), (state, images, labels, keys))
-
-  return epoch
 
 
 def epoch_key(train_key: jax.Array, epoch: int) -> jax.Array:
