@@ -543,10 +543,11 @@ def _metrics_row(exp: Experiment, epoch: int, state, stats, wall: float,
   per = []
   for s in range(num_seeds):
     if num_seeds == 1:
-      per.append(_run_fields(exp, epoch, acc, server_acc, stats))
+      per.append(run_fields(cfg, exp.num_params, epoch, acc, server_acc,
+                            stats))
     else:
-      per.append(_run_fields(
-          exp, epoch, None if acc is None else acc[s],
+      per.append(run_fields(
+          cfg, exp.num_params, epoch, None if acc is None else acc[s],
           None if server_acc is None else float(server_acc[s]),
           jax.tree_util.tree_map(lambda x, s=s: x[s], stats)))
   row = {"epoch": epoch}
@@ -565,8 +566,17 @@ def _metrics_row(exp: Experiment, epoch: int, state, stats, wall: float,
   return row
 
 
-def _run_fields(exp: Experiment, epoch: int, acc, server_acc, stats) -> dict:
-  """The fields of one run (one seed) in a metrics row."""
+def run_fields(cfg: Config, num_params: int, epoch: int, acc, server_acc,
+               stats) -> dict:
+  """The fields of one run (one seed) in a metrics row.
+
+  Args:
+    cfg, num_params: the run's config and D (for the bytes and the ε).
+    epoch: the epoch just finished.
+    acc: (P,) the participants' test accuracies, or None (not evaluated).
+    server_acc: the server model's accuracy, or None.
+    stats: the epoch's :class:`~dssgd_jax.protocols.EpochStats` (arrays).
+  """
   out = {}
   if acc is not None:
     acc = np.asarray(acc)
@@ -583,10 +593,10 @@ def _run_fields(exp: Experiment, epoch: int, acc, server_acc, stats) -> dict:
       train_loss=float(np.asarray(stats.loss).mean()),
       uploaded_entries=float(up_each.mean()),
       downloaded_entries=float(down_each.mean()),
-      bytes_up=server_lib.wire_bytes(up_each, exp.num_params),
-      bytes_down=server_lib.wire_bytes(down_each, exp.num_params),
+      bytes_up=server_lib.wire_bytes(up_each, num_params),
+      bytes_down=server_lib.wire_bytes(down_each, num_params),
       lost_uploads=int(np.sum(np.asarray(stats.upload_lost))),
-      epsilon_spent=epsilon_spent(exp, epoch))
+      epsilon_spent=build.claim(cfg, num_params, epoch).epsilon)
   return out
 
 

@@ -1,0 +1,295 @@
+"""The Flower ``ServerApp``: the parameter server of a deployed DSSGD run.
+
+Started by ``flwr run`` against a SuperLink (docs/deployment.md). Run config
+(``[tool.flwr.app.config]`` or ``flwr run ... --run-config``):
+
+* ``flags`` (text): the run's flags, as for ``python -m dssgd_jax.main``,
+  e.g. ``"--flagfile=/srv/dssgd/configs/quickstart.cfg --epochs=20
+  --workdir=/srv/dssgd/run1"``; ``--algorithm=dssgd`` with
+  ``--protocol=round_robin`` or ``parallel``;
+* ``reply-timeout`` (seconds, default 600): how long the server waits for a
+  participant's upload before it counts it as lost;
+* ``connect-timeout`` (seconds, default 120): how long it waits for all
+  ``--num_participants`` participants to connect before the first epoch;
+* ``server-eval`` (bool, default true): evaluate the server's model on the
+  dataset's public test split (the server never loads training data).
+
+It writes what a simulated run writes (``config.json``, ``metrics.jsonl``,
+``checkpoint.npz``, ``summary.json``) into ``--workdir``, plus per epoch:
+``missing`` (the participants that did not upload), ``wire_bytes_up`` and
+``wire_bytes_down`` (bytes of the messages as Flower serializes them, per
+participant that took part, beside the simulation's ``bytes_up`` /
+``bytes_down``). It checkpoints its state every epoch and resumes from the
+checkpoint when started again with the same flags.
+"""
+
+import json
+import os
+import shlex
+import sys
+import time
+
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from dssgd_jax.flower import wire
+
+app = ServerApp()
+
+PROTOCOLS = ("round_robin", "parallel")
+
+
+def parse_flags(text: str):
+  """A validated Config from a flag string (``--flagfile`` allowed)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from dssgd_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  from dssgd_jax.run import config as config_lib  # pylint: disable=g-import-not-at-top
+  fv = flags.FlagValues()
+  config_lib.define_flags(fv)
+  try:
+    fv(["dssgd_jax.flower"] + shlex.split(text))
+  except flags.Error as e:
+    raise ConfigError(f"run config flags: {e}") from None
+  cfg = config_lib.from_flags(fv)
+  if cfg.algorithm != "dssgd" or cfg.protocol not in PROTOCOLS:
+    raise ConfigError(
+        f"A deployed run is --algorithm=dssgd with --protocol=round_robin or "
+        f"parallel, not --algorithm={cfg.algorithm} "
+        f"--protocol={cfg.protocol}.")
+  if cfg.upload_loss or cfg.download_loss or cfg.num_seeds > 1:
+    raise ConfigError("--upload_loss, --download_loss and --num_seeds are "
+                      "simulation flags; a deployed run's losses are real.")
+  if not cfg.workdir:
+    raise ConfigError("--workdir is required in the run config's flags.")
+  return cfg
+
+
+def _log(msg: str) -> None:
+  print(f"[dssgd server] {msg}", file=sys.stderr, flush=True)
+
+
+class Deployment:
+  """The server's epoch loop over a Flower ``Grid``."""
+
+  def __init__(self, grid: Grid, cfg, reply_timeout: float,
+               connect_timeout: float, server_eval: bool):
+    from dssgd_jax.flower import coordinator  # pylint: disable=g-import-not-at-top
+    self.grid = grid
+    self.cfg = cfg
+    self.reply_timeout = reply_timeout
+    self.connect_timeout = connect_timeout
+    self.co = coordinator.Coordinator(cfg)
+    self.nodes: dict[int, int] = {}  # participant index -> node id
+    self.run_json = cfg.to_json()
+    self.server_eval = None
+    if server_eval:
+      self.server_eval = self._server_evaluator()
+
+  def _server_evaluator(self):
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from dssgd_jax import evaluation  # pylint: disable=g-import-not-at-top
+    from dssgd_jax.data import load_dataset, preprocess  # pylint: disable=g-import-not-at-top
+    cfg = self.cfg
+    ds = preprocess(load_dataset(cfg.dataset, source=cfg.data_source,
+                                 data_dir=cfg.data_dir),
+                    model=cfg.model, standardize=cfg.standardize)
+    test_x, test_y = ds.test_images, ds.test_labels
+    if cfg.eval_examples and cfg.eval_examples < len(test_y):
+      from dssgd_jax.run import build  # pylint: disable=g-import-not-at-top
+      pick = np.random.default_rng(build.data_seed(cfg) + 1).choice(
+          len(test_y), cfg.eval_examples, replace=False)
+      pick.sort()
+      test_x, test_y = test_x[pick], test_y[pick]
+    ev = evaluation.make_evaluator(self.co.model.apply, self.co.unravel,
+                                   test_x, test_y, 1)
+    return lambda params: float(np.asarray(ev(jnp.asarray(params)[None]))[0])
+
+  # -- messages --------------------------------------------------------------
+  def _send(self, messages: list[Message], timeout: float) -> dict:
+    """node id -> reply (content) of the messages answered in time."""
+    if not messages:
+      return {}
+    replies = self.grid.send_and_receive(messages, timeout=timeout)
+    out = {}
+    for r in replies:
+      node = r.metadata.src_node_id
+      if r.has_error():
+        _log(f"node {node} answered with an error: {r.error.reason}")
+        continue
+      out[node] = r.content
+    return out
+
+  def discover(self, wait: float) -> None:
+    """Maps participant indices to connected nodes (asks new nodes who
+    they are); waits up to ``wait`` seconds for all of them."""
+    deadline = time.time() + wait
+    while True:
+      known = set(self.nodes.values())
+      new = [n for n in self.grid.get_node_ids() if n not in known]
+      msgs = [Message(RecordDict({wire.CONFIG: wire.config(hello=1)}), n,
+                      wire.HELLO) for n in new]
+      for node, content in self._send(msgs, min(30.0, max(wait, 5.0))
+                                      ).items():
+        index = int(content[wire.METRICS]["partition_id"])
+        self.nodes[index] = node
+      if len(self.nodes) >= self.cfg.num_participants or time.time() > deadline:
+        return
+      time.sleep(1.0)
+
+  def _train_message(self, index: int, epoch: int, key, state):
+    idx, values = self.co.download_for(index, key, state)
+    content = RecordDict({
+        wire.CONFIG: wire.config(epoch=epoch, run=self.run_json),
+        wire.DOWNLOAD: wire.arrays(indices=idx, values=values)})
+    if epoch == 1:
+      content[wire.INIT] = wire.arrays(values=self.co.initial)
+    down = self.co.num_params if idx is None else len(idx)
+    return (Message(content, self.nodes[index], wire.TRAIN,
+                    group_id=str(epoch)), down, wire.content_bytes(content))
+
+  def _upload(self, content):
+    up = content[wire.UPLOAD]
+    return wire.get(up, "indices"), wire.get(up, "values")
+
+  def epoch(self, epoch: int) -> dict:
+    """One epoch of the protocol; returns per-participant results."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    n = self.cfg.num_participants
+    res = {"loss": [np.nan] * n, "uploaded": [0] * n, "downloaded": [0] * n,
+           "lost": [True] * n, "wire_up": [], "wire_down": []}
+    keys = self.co.download_keys(epoch)
+
+    def take(index, content, down, sent_bytes):
+      idx, val = self._upload(content)
+      m = content[wire.METRICS]
+      res["loss"][index] = float(m["loss"])
+      res["uploaded"][index] = len(idx)
+      res["downloaded"][index] = down
+      res["lost"][index] = False
+      res["wire_down"].append(sent_bytes)
+      res["wire_up"].append(wire.content_bytes(content))
+      return idx, val
+
+    if self.cfg.protocol == "round_robin":
+      for i in range(n):
+        if i not in self.nodes:
+          continue
+        msg, down, nbytes = self._train_message(i, epoch, keys[i],
+                                                self.co.state)
+        got = self._send([msg], self.reply_timeout)
+        if self.nodes[i] not in got:
+          _log(f"epoch {epoch}: participant {i} did not upload (lost)")
+          del self.nodes[i]
+          continue
+        self.co.receive([take(i, got[self.nodes[i]], down, nbytes)])
+    else:
+      snapshot = self.co.state
+      sent = {i: self._train_message(i, epoch, keys[i], snapshot)
+              for i in range(n) if i in self.nodes}
+      got = self._send([m for m, _, _ in sent.values()], self.reply_timeout)
+      uploads = [None] * n
+      for i, (_, down, nbytes) in sent.items():
+        if self.nodes[i] in got:
+          uploads[i] = take(i, got[self.nodes[i]], down, nbytes)
+        else:
+          _log(f"epoch {epoch}: participant {i} did not upload (lost)")
+          del self.nodes[i]
+      self.co.receive(uploads)
+    self.co.end_epoch()
+    return res
+
+  def evaluate(self, epoch: int, trained: list[int]) -> list[float]:
+    msgs = [Message(RecordDict({wire.CONFIG: wire.config(
+        epoch=epoch, run=self.run_json)}), self.nodes[i], wire.EVALUATE,
+                    group_id=str(epoch)) for i in trained if i in self.nodes]
+    got = self._send(msgs, self.reply_timeout)
+    return [float(c[wire.METRICS]["accuracy"]) for c in got.values()]
+
+
+def run(grid: Grid, cfg, reply_timeout: float = 600.0,
+        connect_timeout: float = 120.0, server_eval: bool = True) -> dict:
+  """The deployed run: the epoch loop, metrics, checkpoints, summary."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from dssgd_jax import protocols  # pylint: disable=g-import-not-at-top
+  from dssgd_jax import server as server_lib  # pylint: disable=g-import-not-at-top
+  from dssgd_jax.run import experiment  # pylint: disable=g-import-not-at-top
+  workdir = cfg.workdir
+  os.makedirs(workdir, exist_ok=True)
+  experiment._check_config(workdir, cfg)  # pylint: disable=protected-access
+  dep = Deployment(grid, cfg, reply_timeout, connect_timeout, server_eval)
+  ckpt = os.path.join(workdir, experiment.CHECKPOINT)
+  metrics_path = os.path.join(workdir, experiment.METRICS)
+  start = 0
+  if os.path.exists(ckpt):
+    state, start = experiment.load_checkpoint(ckpt, {"server": dep.co.state},
+                                              dep.co.train_key)
+    dep.co.state = state["server"]
+    _log(f"resuming {workdir} after epoch {start}")
+  rows = [r for r in experiment._read_metrics(metrics_path)  # pylint: disable=protected-access
+          if r["epoch"] <= start]
+  experiment._write_json(os.path.join(workdir, experiment.CONFIG),  # pylint: disable=protected-access
+                         cfg.to_json())
+  experiment._write_lines(metrics_path, rows)  # pylint: disable=protected-access
+  dep.discover(connect_timeout)
+  _log(f"{len(dep.nodes)} of {cfg.num_participants} participants connected")
+  elapsed = rows[-1]["elapsed_s"] if rows else 0.0
+  for epoch in range(start + 1, cfg.epochs + 1):
+    t0 = time.time()
+    if len(dep.nodes) < cfg.num_participants:
+      dep.discover(0.0)  # participants that came back
+    res = dep.epoch(epoch)
+    trained = [i for i in range(cfg.num_participants) if not res["lost"][i]]
+    acc = server_acc = None
+    if experiment._is_eval_epoch(cfg, epoch):  # pylint: disable=protected-access
+      accs = dep.evaluate(epoch, trained)
+      acc = np.asarray(accs) if accs else None
+      if dep.server_eval is not None:
+        server_acc = dep.server_eval(dep.co.state.params)
+    losses = np.asarray([l for l in res["loss"] if np.isfinite(l)] or
+                        [np.nan])
+    stats = protocols.EpochStats(losses, np.asarray(res["uploaded"]),
+                                 np.asarray(res["downloaded"]),
+                                 np.asarray(res["lost"]))
+    row = {"epoch": epoch}
+    row.update(experiment.run_fields(cfg, dep.co.num_params, epoch, acc,
+                                     server_acc, stats))
+    wall = time.time() - t0
+    row.update(
+        num_models=cfg.num_participants, num_params=dep.co.num_params,
+        missing=[i for i in range(cfg.num_participants) if res["lost"][i]],
+        wire_bytes_up=(float(np.mean(res["wire_up"])) if res["wire_up"]
+                       else 0.0),
+        wire_bytes_down=(float(np.mean(res["wire_down"])) if res["wire_down"]
+                         else 0.0),
+        wall_time_s=wall, elapsed_s=elapsed + wall)
+    elapsed = row["elapsed_s"]
+    rows.append(row)
+    with open(metrics_path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
+    experiment.save_checkpoint(ckpt, {"server": dep.co.state}, epoch,
+                               dep.co.train_key)
+    acc_text = ("" if row["participant_accuracy_mean"] is None else
+                f" test acc {row['participant_accuracy_mean']:.4f}")
+    _log(f"epoch {epoch}/{cfg.epochs}{acc_text} loss {row['train_loss']:.4f}"
+         f" missing {row['missing']} wire up {row['wire_bytes_up']:.0f} B "
+         f"down {row['wire_bytes_down']:.0f} B per participant "
+         f"({wall:.1f}s)")
+  summary = experiment.summarize(cfg, rows)
+  summary["privacy"] = experiment.privacy_note(cfg, dep.co.num_params,
+                                               summary["epochs"])
+  summary["deployment"] = "flower"
+  experiment._write_json(os.path.join(workdir, experiment.SUMMARY),  # pylint: disable=protected-access
+                         json.dumps(summary, indent=2))
+  return summary
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+  rc = context.run_config
+  cfg = parse_flags(str(rc.get("flags", "")))
+  run(grid, cfg, reply_timeout=float(rc.get("reply-timeout", 600)),
+      connect_timeout=float(rc.get("connect-timeout", 120)),
+      server_eval=bool(rc.get("server-eval", True)))
