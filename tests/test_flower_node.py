@@ -103,6 +103,11 @@ def test_ledger_and_retry(tmp_path):
       other.train(1, idx, val, init=co.initial)["values"], first["values"])
   with pytest.raises(ConfigError, match="holds no model"):
     node.Participant(cfg, 2, str(tmp_path / "p2")).train(3, idx, val)
+  # A participant that missed epoch 3 resumes at epoch 4 from its model
+  # after epoch 2 (the server sends every participant's download anyway).
+  resumed = p.train(4, idx, val)
+  assert p.latest_model(5) == 4 and p.latest_model(4) == 2
+  assert resumed["values"].shape == first["values"].shape
 
 
 def test_own_data_dir(tmp_path):

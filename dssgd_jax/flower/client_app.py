@@ -30,6 +30,20 @@ app = ClientApp()
 _PARTICIPANTS = {}  # (run config, node config) -> Participant (per process)
 
 
+def run_state_dir(state_dir: str, cfg) -> str:
+  """``state_dir/runs/<id>``: one directory per run, named by a hash of
+  the run's flags but those a resumed run may change (``--epochs``, ...),
+  so that a restarted run finds the participant's models and another run
+  starts fresh."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import hashlib  # pylint: disable=g-import-not-at-top
+  from dssgd_jax.run import experiment  # pylint: disable=g-import-not-at-top
+  keep = {k: v for k, v in dataclasses.asdict(cfg).items()
+          if k == "workdir" or k not in experiment._RESUMABLE_CHANGES}  # pylint: disable=protected-access
+  digest = hashlib.sha256(json.dumps(keep, sort_keys=True).encode())
+  return os.path.join(state_dir, "runs", digest.hexdigest()[:16])
+
+
 def _node_config(context: Context) -> dict:
   cfg = dict(context.node_config)
   if "partition-id" not in cfg or "state-dir" not in cfg:
@@ -57,7 +71,7 @@ def _participant(message: Message, context: Context):
     seed = node.get("seed")
     _PARTICIPANTS.clear()
     _PARTICIPANTS[key] = node_lib.Participant(
-        cfg, int(node["partition-id"]), state_dir,
+        cfg, int(node["partition-id"]), run_state_dir(state_dir, cfg),
         data_dir=node.get("data-dir") or None,
         seed=None if seed is None else int(seed))
   return _PARTICIPANTS[key]

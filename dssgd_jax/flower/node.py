@@ -37,6 +37,7 @@ from dssgd_jax import participant as participant_lib
 from dssgd_jax import protocols
 from dssgd_jax import rules
 from dssgd_jax.data import base as data_base
+from dssgd_jax.data import datasets as datasets_lib
 from dssgd_jax.data import transforms
 from dssgd_jax.errors import ConfigError
 from dssgd_jax.run import build
@@ -64,13 +65,12 @@ def load_data_dir(path: str, cfg: Config) -> data_base.Dataset:
     raise ConfigError(f"data-dir {path}: {file} is not a readable data file "
                       f"with train_images, train_labels, test_images and "
                       f"test_labels ({e}).") from None
-  num_classes = int(max(arrays["train_labels"].max(),
-                        arrays["test_labels"].max())) + 1
   ds = data_base.Dataset(
       arrays["train_images"].astype(np.float32),
       arrays["train_labels"].astype(np.int32),
       arrays["test_images"].astype(np.float32),
-      arrays["test_labels"].astype(np.int32), num_classes, cfg.dataset)
+      arrays["test_labels"].astype(np.int32), datasets_lib.NUM_CLASSES,
+      cfg.dataset)
   return transforms.preprocess(ds, model=cfg.model,
                                standardize=cfg.standardize)
 
@@ -109,12 +109,7 @@ class Participant:
       ds = load_data_dir(data_dir, cfg)
       images, labels = ds.train_images, ds.train_labels
     else:
-      if not 0 <= self.index < cfg.num_participants:
-        raise ConfigError(f"partition-id={index} is not below the run's "
-                          f"--num_participants={cfg.num_participants}.")
-      ds, parts = build.data(cfg)
-      images = ds.train_images[parts[self.index]]
-      labels = ds.train_labels[parts[self.index]]
+      ds, images, labels = self._partition(cfg)
     self.images, self.labels = jnp.asarray(images), jnp.asarray(labels)
     self.model = models_lib.get_model(cfg.model, ds.num_classes,
                                       conv_impl=build.resolve_conv_impl(cfg))
@@ -130,6 +125,35 @@ class Participant:
     self._evaluate = evaluation.make_evaluator(
         self.model.apply, self.unravel, ds.test_images, ds.test_labels, 1)
     self.seed = self._seed(seed)
+
+  def _partition(self, cfg: Config):
+    """Part ``index`` of the run's dataset, partitioned as the simulation
+    does; kept in ``state_dir/partition.npz`` after the first message (every
+    message is a new process: this spares reloading the whole dataset)."""
+    if not 0 <= self.index < cfg.num_participants:
+      raise ConfigError(f"partition-id={self.index} is not below the run's "
+                        f"--num_participants={cfg.num_participants}.")
+    what = json.dumps([cfg.dataset, cfg.data_source, cfg.data_dir, cfg.model,
+                       cfg.num_participants, cfg.samples_per_participant,
+                       cfg.partition, cfg.dirichlet_alpha, cfg.standardize,
+                       build.data_seed(cfg), self.index])
+    path = os.path.join(self.state_dir, "partition.npz")
+    if os.path.exists(path):
+      with np.load(path) as z:
+        if str(z["what"]) == what:
+          ds = data_base.Dataset(z["train_images"], z["train_labels"],
+                                 z["test_images"], z["test_labels"],
+                                 int(z["num_classes"]), cfg.dataset)
+          return ds, ds.train_images, ds.train_labels
+    ds, parts = build.data(cfg)
+    images = ds.train_images[parts[self.index]]
+    labels = ds.train_labels[parts[self.index]]
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, what=what, train_images=images, train_labels=labels,
+             test_images=ds.test_images, test_labels=ds.test_labels,
+             num_classes=ds.num_classes)
+    os.replace(tmp, path)
+    return ds, images, labels
 
   # -- state on disk -------------------------------------------------------
   def _seed(self, seed):
@@ -149,6 +173,15 @@ class Participant:
   def has_model(self, epoch: int) -> bool:
     return os.path.exists(self._model_path(epoch))
 
+  def latest_model(self, before: int) -> int | None:
+    """The last epoch before ``before`` whose model is stored (a
+    participant that missed epochs resumes from its own last model)."""
+    epochs = [int(n[len("local_"):-len(".npy")])
+              for n in os.listdir(self.state_dir)
+              if n.startswith("local_") and n.endswith(".npy")]
+    epochs = [e for e in epochs if e < before]
+    return max(epochs) if epochs else None
+
   def load_model(self, epoch: int) -> np.ndarray:
     return np.load(self._model_path(epoch))
 
@@ -160,10 +193,11 @@ class Participant:
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
-    for name in os.listdir(self.state_dir):  # keep epochs e-1 and e
+    previous = self.latest_model(epoch)
+    for name in os.listdir(self.state_dir):  # keep this and the last one
       if name.startswith("local_") and name.endswith(".npy"):
         old = int(name[len("local_"):-len(".npy")])
-        if old < epoch - 1:
+        if old < epoch and old != previous:
           os.remove(os.path.join(self.state_dir, name))
 
   def ledger(self) -> list[dict]:
@@ -195,11 +229,13 @@ class Participant:
     """Participant's part of ``epoch``: download, train, upload.
 
     Args:
-      epoch: the epoch (1-based); the participant starts from its model
-        after ``epoch - 1`` (retrying an epoch gives the same result).
+      epoch: the epoch (1-based); the participant starts from its last
+        model before ``epoch`` (retrying an epoch gives the same result; a
+        participant that missed epochs starts from its last one).
       download_indices: positions of the downloaded entries (None: all D).
       download_values: their values in the server's vector.
-      init: the initial global model, sent with epoch 1.
+      init: the initial global model, used when the participant holds no
+        model yet.
 
     Returns:
       ``{"indices", "values"}`` of the upload (valid entries only),
@@ -209,13 +245,15 @@ class Participant:
     Raises:
       ConfigError: no model for ``epoch - 1`` is stored and no ``init``.
     """
-    if self.has_model(epoch - 1):
-      local = self.load_model(epoch - 1)
+    last = self.latest_model(epoch)
+    if last is not None:
+      local = self.load_model(last)
     elif init is not None:
       local = np.asarray(init, np.float32)
     else:
-      raise ConfigError(f"participant {self.index} holds no model after "
-                        f"epoch {epoch - 1} in {self.state_dir}.")
+      raise ConfigError(f"participant {self.index} holds no model before "
+                        f"epoch {epoch} in {self.state_dir} and was sent "
+                        "no initial model.")
     d = self.num_params
     server = np.zeros(d, np.float32)
     mask = np.zeros(d, bool)

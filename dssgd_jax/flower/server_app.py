@@ -37,6 +37,7 @@ from dssgd_jax.flower import wire
 app = ServerApp()
 
 PROTOCOLS = ("round_robin", "parallel")
+POLL_S = 0.1  # how often the server asks the SuperLink for replies
 
 
 def parse_flags(text: str):
@@ -80,6 +81,7 @@ class Deployment:
     self.connect_timeout = connect_timeout
     self.co = coordinator.Coordinator(cfg)
     self.nodes: dict[int, int] = {}  # participant index -> node id
+    self.seen: set[int] = set()  # participants that trained in this process
     self.run_json = cfg.to_json()
     self.server_eval = None
     if server_eval:
@@ -107,17 +109,32 @@ class Deployment:
 
   # -- messages --------------------------------------------------------------
   def _send(self, messages: list[Message], timeout: float) -> dict:
-    """node id -> reply (content) of the messages answered in time."""
+    """node id -> reply content of the messages answered in time.
+
+    Pushes the messages and polls for the replies every
+    :data:`POLL_S` seconds (``Grid.send_and_receive`` polls every 3 s, which
+    would add seconds to every visit of the round-robin protocol). Replies
+    are matched to requests by message id: an error reply made by the
+    SuperLink has no source node.
+    """
     if not messages:
       return {}
-    replies = self.grid.send_and_receive(messages, timeout=timeout)
+    ids = list(self.grid.push_messages(messages))
+    pending = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages)
+               if mid}
     out = {}
-    for r in replies:
-      node = r.metadata.src_node_id
-      if r.has_error():
-        _log(f"node {node} answered with an error: {r.error.reason}")
-        continue
-      out[node] = r.content
+    deadline = time.time() + timeout
+    while pending and time.time() < deadline:
+      for r in self.grid.pull_messages(list(pending)):
+        node = pending.pop(r.metadata.reply_to_message_id, None)
+        if node is None:
+          continue
+        if r.has_error():
+          _log(f"node {node} answered with an error: {r.error.reason}")
+          continue
+        out[node] = r.content
+      if pending:
+        time.sleep(POLL_S)
     return out
 
   def discover(self, wait: float) -> None:
@@ -142,7 +159,9 @@ class Deployment:
     content = RecordDict({
         wire.CONFIG: wire.config(epoch=epoch, run=self.run_json),
         wire.DOWNLOAD: wire.arrays(indices=idx, values=values)})
-    if epoch == 1:
+    if epoch == 1 or index not in self.seen:
+      # The initial model, for a participant that holds none yet (used only
+      # then; after a server restart every participant gets it once).
       content[wire.INIT] = wire.arrays(values=self.co.initial)
     down = self.co.num_params if idx is None else len(idx)
     return (Message(content, self.nodes[index], wire.TRAIN,
@@ -167,6 +186,7 @@ class Deployment:
       res["uploaded"][index] = len(idx)
       res["downloaded"][index] = down
       res["lost"][index] = False
+      self.seen.add(index)
       res["wire_down"].append(sent_bytes)
       res["wire_up"].append(wire.content_bytes(content))
       return idx, val
@@ -212,7 +232,6 @@ def run(grid: Grid, cfg, reply_timeout: float = 600.0,
   """The deployed run: the epoch loop, metrics, checkpoints, summary."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from dssgd_jax import protocols  # pylint: disable=g-import-not-at-top
-  from dssgd_jax import server as server_lib  # pylint: disable=g-import-not-at-top
   from dssgd_jax.run import experiment  # pylint: disable=g-import-not-at-top
   workdir = cfg.workdir
   os.makedirs(workdir, exist_ok=True)
