@@ -21,6 +21,7 @@ import datetime
 import ipaddress
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -217,10 +218,38 @@ def run_run(args) -> int:
       f"connect-timeout={float(args.connect_timeout)}",
       f"server-eval={'true' if args.server_eval else 'false'}"])
   env = _flwr_env(args)
-  out = subprocess.run(["flwr", "run", APP_DIR, CONNECTION, "--run-config",
-                        run_config, "--stream"], env=env, check=False)
-  if out.returncode != 0:
-    return out.returncode
+  proc = subprocess.Popen(["flwr", "run", APP_DIR, CONNECTION,
+                           "--run-config", run_config, "--stream"], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  run_id = None
+  for line in proc.stdout:  # stream the server's log, note the run's id
+    sys.stdout.write(line)
+    sys.stdout.flush()
+    m = re.search(r"Successfully started run (\d+)", line)
+    if m:
+      run_id = m.group(1)
+  rc = proc.wait()
+  if rc != 0:
+    return rc
+  # `flwr run --stream` exits 0 even when the ServerApp failed: ask the
+  # SuperLink how the run ended.
+  if run_id is None:
+    print("error: flwr run did not start a run.", file=sys.stderr)
+    return 1
+  out = subprocess.run(["flwr", "ls", CONNECTION, "--run-id", run_id,
+                        "--format", "json"], env=env, capture_output=True,
+                       text=True, timeout=120, check=False)
+  try:
+    info = json.loads(out.stdout[out.stdout.index("{"):])["runs"][0]
+  except (ValueError, KeyError, IndexError):
+    print(f"error: cannot read the status of run {run_id}: "
+          f"{(out.stdout + out.stderr).strip()[-300:]}", file=sys.stderr)
+    return 1
+  if info.get("status") != "finished:completed":
+    print(f"error: run {run_id} ended {info.get('status')}: "
+          f"{info.get('status-details')}", file=sys.stderr)
+    return 1
   return 0
 
 

@@ -233,8 +233,14 @@ def run(grid: Grid, cfg, reply_timeout: float = 600.0,
   import numpy as np  # pylint: disable=g-import-not-at-top
   from dssgd_jax import protocols  # pylint: disable=g-import-not-at-top
   from dssgd_jax.run import experiment  # pylint: disable=g-import-not-at-top
+  from dssgd_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
   workdir = cfg.workdir
-  os.makedirs(workdir, exist_ok=True)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"--workdir={workdir} cannot be created on the server: "
+                      f"{e.strerror}.") from None
+  experiment._check_writable(workdir)  # pylint: disable=protected-access
   experiment._check_config(workdir, cfg)  # pylint: disable=protected-access
   dep = Deployment(grid, cfg, reply_timeout, connect_timeout, server_eval)
   ckpt = os.path.join(workdir, experiment.CHECKPOINT)
