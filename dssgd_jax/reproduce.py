@@ -294,8 +294,8 @@ def markdown_table(base: config_lib.Config, rows: list[str], columns,
          "seed. " if cfg.num_seeds > 1 else "One seed: no error bars. ")
       + "M = batch size, k = learning rate. Upload per participant per epoch: "
       "(int32 index, float32 value) pairs, dense float32 when everything is "
-      "shared. Time: training and evaluation wall time summed over the "
-      "row's runs.",
+      "shared. Time: training wall time summed over the row's runs "
+      "(`elapsed_s`; evaluation not included).",
       "",
       *lines,
       "",

@@ -8,14 +8,15 @@ each in its own process group with a hard timeout, all killed at the end. A
 fourth SuperNode, whose key is not registered, is refused. Then, on the
 bundled digits:
 
-* round robin and parallel, two epochs each: the server's parameters (its
-  checkpoint) and the participants' metrics equal the simulation's with the
-  same flags and seed; the bytes on the wire are measured beside the
-  simulation's ``bytes_up``/``bytes_down``;
-* the server (SuperLink and ServerApp) is killed after epoch 1 and restarted
-  with the same command: the run resumes from its checkpoint (its epoch 2 is
-  the simulation's); then one SuperNode is killed: the run completes and its
-  missed epoch is a lost upload.
+* round robin, two epochs: the server's parameters (its checkpoint) and the
+  participants' metrics equal the simulation's with the same flags and seed;
+  the bytes on the wire are measured beside the simulation's
+  ``bytes_up``/``bytes_down``;
+* parallel (θd = 0.5), three epochs: the server (SuperLink and ServerApp) is
+  killed after epoch 1 and restarted with the same command; the run resumes
+  from its checkpoint, and its first two epochs equal the simulation's
+  (server parameters and participants' metrics); then one SuperNode is
+  killed: the run completes and its missed epoch is a lost upload.
 
 Every message to a participant is a new process (Flower's design), so these
 runs take minutes; each run is bounded by a timeout.
@@ -242,19 +243,32 @@ def _wait_for_epoch(workdir, epoch, timeout=RUN_TIMEOUT):
   raise AssertionError(f"{workdir} never reached epoch {epoch}")
 
 
-def _check_faults(cluster, tmp_path):
-  """Server killed after epoch 1 and restarted; participant 2 killed after
-  epoch 2."""
-  extra = "--protocol=parallel --epochs=3 --eval_every=3"
-  workdir = tmp_path / "deployed_faults"
+def _checkpoint_epoch(workdir):
+  try:
+    return _server_params(workdir)[1]
+  except (OSError, KeyError, ValueError):
+    return 0
+
+
+def _check_parallel_with_faults(cluster, tmp_path):
+  """Parallel, θd = 0.5: the server is killed after epoch 1 and restarted
+  with the same command; epochs 1-2 must be the simulation's (server
+  parameters, participants' accuracies); then participant 2 is killed and
+  its epoch 3 is a lost upload."""
+  extra = ("--protocol=parallel --download_fraction=0.5 --epochs=3 "
+           "--eval_every=2")
+  workdir = tmp_path / "deployed_parallel"
   cluster.run(workdir, extra, background=True)
   _wait_for_epoch(workdir, 1)
   cluster.kill("superlink")  # the SuperLink and the ServerApp it started
   cluster.kill("run")
   assert _metrics(workdir)[-1]["epoch"] == 1
   cluster.start_superlink()  # same database: the registered participants
-  cluster.run(workdir, extra, reply_timeout=45, background=True)
-  _wait_for_epoch(workdir, 2)
+  cluster.run(workdir, extra, reply_timeout=40, background=True)
+  deadline = time.time() + RUN_TIMEOUT
+  while _checkpoint_epoch(workdir) < 2 and time.time() < deadline:
+    time.sleep(0.2)
+  shutil.copy(workdir / experiment.CHECKPOINT, tmp_path / "epoch2.npz")
   cluster.kill("node2")
   _wait_for_epoch(workdir, 3)
   p = cluster.procs.pop("run")
@@ -265,12 +279,15 @@ def _check_faults(cluster, tmp_path):
   assert [r["missing"] for r in rows] == [[], [], [2]]
   assert [r["lost_uploads"] for r in rows] == [0, 0, 1]
   assert rows[-1]["participant_accuracy_mean"] is not None  # 2 evaluated
-  # Up to the lost upload the resumed run is the simulation's.
-  sim = _simulate(tmp_path / "sim_faults", extra.replace("--epochs=3",
-                                                         "--epochs=2"))
-  for a, b in zip(rows[:2], _metrics(sim.workdir)):
-    for k in ("train_loss", "bytes_up", "bytes_down", "uploaded_entries"):
-      assert a[k] == pytest.approx(b[k], rel=1e-5), (k, a, b)
+  # Up to the lost upload, across the restart, the simulation's run.
+  sim = _simulate(tmp_path / "sim_parallel",
+                  extra.replace("--epochs=3", "--epochs=2"))
+  os.makedirs(tmp_path / "upto2")
+  shutil.copy(tmp_path / "epoch2.npz",
+              tmp_path / "upto2" / experiment.CHECKPOINT)
+  with open(tmp_path / "upto2" / experiment.METRICS, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows[:2])
+  _assert_same_run(tmp_path / "upto2", sim.workdir)
 
 
 def test_deployment_end_to_end(cluster, tmp_path):
@@ -279,6 +296,4 @@ def test_deployment_end_to_end(cluster, tmp_path):
   _check_refused(cluster)
   _check_same_as_simulation(cluster, tmp_path, "round_robin",
                             "--eval_every=2")
-  _check_same_as_simulation(cluster, tmp_path, "parallel",
-                            "--eval_every=2 --download_fraction=0.5")
-  _check_faults(cluster, tmp_path)
+  _check_parallel_with_faults(cluster, tmp_path)
