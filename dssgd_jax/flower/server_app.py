@@ -96,13 +96,8 @@ class Deployment:
     ds = preprocess(load_dataset(cfg.dataset, source=cfg.data_source,
                                  data_dir=cfg.data_dir),
                     model=cfg.model, standardize=cfg.standardize)
-    test_x, test_y = ds.test_images, ds.test_labels
-    if cfg.eval_examples and cfg.eval_examples < len(test_y):
-      from dssgd_jax.run import build  # pylint: disable=g-import-not-at-top
-      pick = np.random.default_rng(build.data_seed(cfg) + 1).choice(
-          len(test_y), cfg.eval_examples, replace=False)
-      pick.sort()
-      test_x, test_y = test_x[pick], test_y[pick]
+    from dssgd_jax.run import experiment  # pylint: disable=g-import-not-at-top
+    test_x, test_y = experiment.evaluation_split(cfg, ds)
     ev = evaluation.make_evaluator(self.co.model.apply, self.co.unravel,
                                    test_x, test_y, 1)
     return lambda params: float(np.asarray(ev(jnp.asarray(params)[None]))[0])

@@ -155,12 +155,7 @@ def setup(cfg: Config, dataset=None, parts=None) -> Experiment:
             for f in flats]
   upload_rule = build.upload_rule(cfg, num_params)
 
-  test_x, test_y = dataset.test_images, dataset.test_labels
-  if cfg.eval_examples and cfg.eval_examples < len(test_y):
-    pick = np.random.default_rng(build.data_seed(cfg) + 1).choice(
-        len(test_y), cfg.eval_examples, replace=False)
-    pick.sort()
-    test_x, test_y = test_x[pick], test_y[pick]
+  test_x, test_y = evaluation_split(cfg, dataset)
   evaluate = evaluation.make_evaluator(model.apply, unravel, test_x, test_y,
                                        num_seeds * num_models)
   server_eval = evaluation.make_evaluator(model.apply, unravel, test_x,
@@ -207,6 +202,18 @@ def setup(cfg: Config, dataset=None, parts=None) -> Experiment:
       images=images, labels=labels,
       evaluate=evaluate_all, test_images=test_x, test_labels=test_y,
       train_key=train_key, num_seeds=num_seeds)
+
+
+def evaluation_split(cfg: Config, dataset) -> tuple[np.ndarray, np.ndarray]:
+  """The test images and labels a run evaluates on: all of them, or the
+  fixed ``--eval_examples`` subset drawn from the data seed."""
+  test_x, test_y = dataset.test_images, dataset.test_labels
+  if cfg.eval_examples and cfg.eval_examples < len(test_y):
+    pick = np.random.default_rng(build.data_seed(cfg) + 1).choice(
+        len(test_y), cfg.eval_examples, replace=False)
+    pick.sort()
+    test_x, test_y = test_x[pick], test_y[pick]
+  return test_x, test_y
 
 
 def epoch_key(train_key: jax.Array, epoch: int) -> jax.Array:
