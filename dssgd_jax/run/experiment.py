@@ -316,12 +316,6 @@ def load_checkpoint(path: str, template: Any,
 # Privacy and cost.
 
 
-def epsilon_spent(exp: Experiment, epochs_done: int) -> float | None:
-  """ε per participant after ``epochs_done`` epochs, derived from the upload
-  rule that runs (None: no guarantee; :func:`privacy_note` says why)."""
-  return build.claim(exp.cfg, exp.num_params, epochs_done).epsilon
-
-
 def privacy_note(cfg: Config, num_params: int, epochs: int) -> dict:
   """The run's privacy claim as JSON: ε, δ, and the reason when there is
   none."""
