@@ -87,28 +87,27 @@ def hello(message: Message, context: Context) -> Message:
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
-  """Download, one local epoch, upload (:meth:`.node.Participant.train`)."""
+  """Download, one local epoch, upload (:meth:`.node.Participant.train`).
+
+  When the config carries ``evaluate=1`` (an evaluation epoch), the
+  participant also reports the test accuracy of the model it just trained
+  (:meth:`.node.Participant.evaluate`): its model does not change again
+  before the epoch ends, so this is the accuracy the simulation reports,
+  without a second message.
+  """
   p = _participant(message, context)
   conf = message.content[wire.CONFIG]
   down = message.content[wire.DOWNLOAD]
   init = (message.content[wire.INIT] if wire.INIT in message.content.
           array_records else None)
-  out = p.train(int(conf["epoch"]), wire.get(down, "indices"),
-                wire.get(down, "values"),
+  epoch = int(conf["epoch"])
+  out = p.train(epoch, wire.get(down, "indices"), wire.get(down, "values"),
                 None if init is None else wire.get(init, "values"))
+  accuracy = p.evaluate(epoch) if int(conf.get("evaluate", 0)) else None
   return Message(RecordDict({
       wire.UPLOAD: wire.arrays(indices=out["indices"], values=out["values"]),
       wire.METRICS: wire.metrics(
           partition_id=p.index, loss=out["loss"],
-          downloaded=out["downloaded"], epsilon=out["epsilon"]),
+          downloaded=out["downloaded"], epsilon=out["epsilon"],
+          accuracy=accuracy),
   }), reply_to=message)
-
-
-@app.evaluate()
-def evaluate(message: Message, context: Context) -> Message:
-  """Test accuracy of this participant's own model after an epoch."""
-  p = _participant(message, context)
-  epoch = int(message.content[wire.CONFIG]["epoch"])
-  return Message(RecordDict({wire.METRICS: wire.metrics(
-      partition_id=p.index, accuracy=p.evaluate(epoch))}),
-                 reply_to=message)

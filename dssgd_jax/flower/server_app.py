@@ -66,7 +66,8 @@ def parse_flags(text: str):
 
 
 def _log(msg: str) -> None:
-  print(f"[dssgd server] {msg}", file=sys.stderr, flush=True)
+  print(f"[dssgd server {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr,
+        flush=True)
 
 
 class Deployment:
@@ -149,10 +150,12 @@ class Deployment:
         return
       time.sleep(1.0)
 
-  def _train_message(self, index: int, epoch: int, key, state):
+  def _train_message(self, index: int, epoch: int, key, state,
+                     evaluate: bool):
     idx, values = self.co.download_for(index, key, state)
     content = RecordDict({
-        wire.CONFIG: wire.config(epoch=epoch, run=self.run_json),
+        wire.CONFIG: wire.config(epoch=epoch, run=self.run_json,
+                                 evaluate=int(evaluate)),
         wire.DOWNLOAD: wire.arrays(indices=idx, values=values)})
     if epoch == 1 or index not in self.seen:
       # The initial model, for a participant that holds none yet (used only
@@ -166,12 +169,15 @@ class Deployment:
     up = content[wire.UPLOAD]
     return wire.get(up, "indices"), wire.get(up, "values")
 
-  def epoch(self, epoch: int) -> dict:
-    """One epoch of the protocol; returns per-participant results."""
+  def epoch(self, epoch: int, evaluate: bool) -> dict:
+    """One epoch of the protocol; returns per-participant results (with
+    ``evaluate``, the accuracies the participants report of the models they
+    trained, in the same train message)."""
     import numpy as np  # pylint: disable=g-import-not-at-top
     n = self.cfg.num_participants
     res = {"loss": [np.nan] * n, "uploaded": [0] * n, "downloaded": [0] * n,
-           "lost": [True] * n, "wire_up": [], "wire_down": []}
+           "lost": [True] * n, "wire_up": [], "wire_down": [],
+           "accuracy": []}
     keys = self.co.download_keys(epoch)
 
     def take(index, content, down, sent_bytes):
@@ -181,6 +187,8 @@ class Deployment:
       res["uploaded"][index] = len(idx)
       res["downloaded"][index] = down
       res["lost"][index] = False
+      if evaluate:
+        res["accuracy"].append(float(m["accuracy"]))
       self.seen.add(index)
       res["wire_down"].append(sent_bytes)
       res["wire_up"].append(wire.content_bytes(content))
@@ -191,7 +199,7 @@ class Deployment:
         if i not in self.nodes:
           continue
         msg, down, nbytes = self._train_message(i, epoch, keys[i],
-                                                self.co.state)
+                                                self.co.state, evaluate)
         got = self._send([msg], self.reply_timeout)
         if self.nodes[i] not in got:
           _log(f"epoch {epoch}: participant {i} did not upload (lost)")
@@ -200,7 +208,8 @@ class Deployment:
         self.co.receive([take(i, got[self.nodes[i]], down, nbytes)])
     else:
       snapshot = self.co.state
-      sent = {i: self._train_message(i, epoch, keys[i], snapshot)
+      sent = {i: self._train_message(i, epoch, keys[i], snapshot,
+                                      evaluate)
               for i in range(n) if i in self.nodes}
       got = self._send([m for m, _, _ in sent.values()], self.reply_timeout)
       uploads = [None] * n
@@ -213,13 +222,6 @@ class Deployment:
       self.co.receive(uploads)
     self.co.end_epoch()
     return res
-
-  def evaluate(self, epoch: int, trained: list[int]) -> list[float]:
-    msgs = [Message(RecordDict({wire.CONFIG: wire.config(
-        epoch=epoch, run=self.run_json)}), self.nodes[i], wire.EVALUATE,
-                    group_id=str(epoch)) for i in trained if i in self.nodes]
-    got = self._send(msgs, self.reply_timeout)
-    return [float(c[wire.METRICS]["accuracy"]) for c in got.values()]
 
 
 def run(grid: Grid, cfg, reply_timeout: float = 600.0,
@@ -258,12 +260,11 @@ def run(grid: Grid, cfg, reply_timeout: float = 600.0,
     t0 = time.time()
     if len(dep.nodes) < cfg.num_participants:
       dep.discover(0.0)  # participants that came back
-    res = dep.epoch(epoch)
-    trained = [i for i in range(cfg.num_participants) if not res["lost"][i]]
+    evaluate = experiment._is_eval_epoch(cfg, epoch)  # pylint: disable=protected-access
+    res = dep.epoch(epoch, evaluate)
     acc = server_acc = None
-    if experiment._is_eval_epoch(cfg, epoch):  # pylint: disable=protected-access
-      accs = dep.evaluate(epoch, trained)
-      acc = np.asarray(accs) if accs else None
+    if evaluate:
+      acc = np.asarray(res["accuracy"]) if res["accuracy"] else None
       if dep.server_eval is not None:
         server_acc = dep.server_eval(dep.co.state.params)
     losses = np.asarray([l for l in res["loss"] if np.isfinite(l)] or

@@ -12,9 +12,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 # Message types (Flower's built-in ones, so the ClientApp's decorators apply).
-HELLO = "query"       # who are you (partition id, stored epochs)
-TRAIN = "train"       # download -> local epoch -> upload
-EVALUATE = "evaluate"  # accuracy of the participant's own model
+HELLO = "query"  # who are you (partition id, stored epochs)
+TRAIN = "train"  # download -> local epoch -> upload (-> its accuracy)
 
 CONFIG = "config"
 DOWNLOAD = "download"
