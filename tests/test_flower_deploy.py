@@ -5,8 +5,8 @@ A module fixture starts a real SuperLink (TLS, SuperNode authentication, a
 state database) and three SuperNodes with registered keys, as subprocesses
 started with the documented commands (``python -m dssgd_jax.flower ...``),
 each in its own process group with a hard timeout, all killed at the end. A
-fourth SuperNode, whose key is not registered, is refused. Then, on the
-bundled digits:
+fourth SuperNode, whose key is not registered, is started beside them and is
+refused while the others run. Then, on the bundled digits:
 
 * round robin, two epochs: the server's parameters (its checkpoint) and the
   participants' metrics equal the simulation's with the same flags and seed;
@@ -73,6 +73,11 @@ class Cluster:
     return subprocess.run([sys.executable, "-m", "dssgd_jax.flower", *args],
                           env=self.env, cwd=REPO, capture_output=True,
                           text=True, timeout=timeout, **kw)
+
+  def cli_async(self, *args):
+    return subprocess.Popen(
+        [sys.executable, "-m", "dssgd_jax.flower", *args], env=self.env,
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
   def start(self, name, *args):
     log = open(os.path.join(self.root, f"{name}.log"), "w")
@@ -141,6 +146,13 @@ class Cluster:
         pass
 
 
+def _all_ok(procs):
+  """Waits for concurrent CLI calls; each must exit 0."""
+  for p in procs:
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, out
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("flower"))
@@ -150,18 +162,13 @@ def cluster(tmp_path_factory):
              **{MARKER: f"{os.getpid()}-{time.time()}"})
   c = Cluster(root, env)
   try:
-    out = c.cli("tls", c.tls)
-    assert out.returncode == 0, out.stderr
-    keys = []
-    for i in range(4):
-      out = c.cli("key", os.path.join(root, "keys", f"p{i}"))
-      assert out.returncode == 0, out.stderr
-      keys.append(os.path.join(root, "keys", f"p{i}"))
+    keys = [os.path.join(root, "keys", f"p{i}") for i in range(4)]
+    _all_ok([c.cli_async("tls", c.tls)] +
+            [c.cli_async("key", k) for k in keys])
     c.start_superlink()
-    for i in range(3):  # p3's key is never registered
-      out = c.cli("register", keys[i] + ".pub", f"--superlink={c.address}",
-                  f"--ca={c.ca}", f"--flwr_home={root}/home_register")
-      assert out.returncode == 0, out.stdout + out.stderr
+    _all_ok([c.cli_async("register", k + ".pub", f"--superlink={c.address}",
+                         f"--ca={c.ca}", f"--flwr_home={root}/home_reg{i}")
+             for i, k in enumerate(keys[:3])])  # p3's key is never registered
     for i in range(3):
       c.start(f"node{i}", *c.participant_args(i, keys[i]))
     c.keys = keys
@@ -213,13 +220,21 @@ def _assert_same_run(deployed, simulated):
     assert b["bytes_down"] <= a["wire_bytes_down"]
 
 
+def _start_unregistered(cluster):
+  """A SuperNode whose key was never registered (checked at the end: it
+  must be refused while the registered ones run)."""
+  cluster.start("unregistered", *cluster.participant_args(3, cluster.keys[3]))
+
+
 def _check_refused(cluster):
-  out = subprocess.run(
-      ["timeout", "90", sys.executable, "-m", "dssgd_jax.flower",
-       *cluster.participant_args(3, cluster.keys[3])], env=cluster.env,
-      cwd=REPO, capture_output=True, text=True, timeout=120)
-  assert out.returncode != 0
-  assert "Failed to activate SuperNode" in out.stdout + out.stderr
+  deadline = time.time() + 90
+  while ("Failed to activate SuperNode" not in cluster.log("unregistered")
+         and time.time() < deadline):
+    time.sleep(0.5)
+  log = cluster.log("unregistered")
+  cluster.kill("unregistered")
+  assert "Failed to activate SuperNode" in log, log[-3000:]
+  assert "Receiving:" not in log  # it was never sent a message
 
 
 def _check_same_as_simulation(cluster, tmp_path, protocol, extra):
@@ -293,7 +308,8 @@ def _check_parallel_with_faults(cluster, tmp_path):
 def test_deployment_end_to_end(cluster, tmp_path):
   # One test (one cluster, one pytest-xdist worker), in this order: the
   # participant killed last cannot rejoin with its key for about a minute.
-  _check_refused(cluster)
+  _start_unregistered(cluster)
   _check_same_as_simulation(cluster, tmp_path, "round_robin",
                             "--eval_every=2")
+  _check_refused(cluster)
   _check_parallel_with_faults(cluster, tmp_path)
