@@ -13,11 +13,8 @@ def session_dir(tmp_path_factory, name):
   return path
 
 
-def jit_env(tmp_path_factory):
-  """Subprocess environment with a persistent compilation cache shared by
-  this session's CLI tests (identical tiny runs compile once)."""
-  return dict(os.environ, JAX_PLATFORMS="cpu",
-              JAX_COMPILATION_CACHE_DIR=str(
-                  session_dir(tmp_path_factory, "dssgd_jit_cache")),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+def jit_env():
+  """Subprocess environment: CPU, and this session's persistent compilation
+  cache and compile settings (tests/conftest.py), so identical tiny runs in
+  different tests compile once."""
+  return dict(os.environ, JAX_PLATFORMS="cpu")

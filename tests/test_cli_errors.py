@@ -102,17 +102,8 @@ def _snapshot(path):
   return out
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _jit_cache(tmp_path_factory):
-  global _ENV
-  _ENV = _jit_env(tmp_path_factory)
-
-
-_ENV = None
-
-
 def _cli(args, timeout=300):
-  env = _ENV or dict(os.environ, JAX_PLATFORMS="cpu")
+  env = _jit_env()
   return subprocess.run([sys.executable, "-m", "dssgd_jax.main", *args],
                         capture_output=True, text=True, cwd=REPO, env=env,
                         timeout=timeout)
@@ -181,7 +172,7 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
   import time  # pylint: disable=g-import-not-at-top
   flags = [*BASE, f"--workdir={tmp_path}", "--epochs=100000", "--progress"]
   proc = subprocess.Popen([sys.executable, "-m", "dssgd_jax.main", *flags],
-                          cwd=REPO, env=_ENV or dict(os.environ, JAX_PLATFORMS="cpu"),
+                          cwd=REPO, env=_jit_env(),
                           stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 240

@@ -86,15 +86,6 @@ ENABLERS = {
 D = 64
 
 
-@pytest.fixture(autouse=True)
-def _fast_compiles():
-  """Hundreds of tiny variants: compile them without XLA's optimizations."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
-
-
 def _base(algorithm, protocol, noise):
   over = dict(NOISE_BASE[noise])
   if protocol == "async":

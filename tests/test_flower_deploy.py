@@ -158,7 +158,8 @@ def cluster(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("flower"))
   env = dict(os.environ, JAX_PLATFORMS="cpu", FLWR_TELEMETRY_ENABLED="0",
              FLWR_DISABLE_UPDATE_CHECK="1", PYTHONUNBUFFERED="1",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
+                        " --xla_force_host_platform_device_count=1").strip(),
              **{MARKER: f"{os.getpid()}-{time.time()}"})
   c = Cluster(root, env)
   try:

@@ -159,7 +159,7 @@ def _snapshot(root) -> dict[str, bytes]:
 def _run_read_only(tmp_path_factory, patch_dir, readonly, *args,
                    merge=False):
   """``python -m ARGS`` with writes under ``readonly`` refused."""
-  env = jit_env(tmp_path_factory)
+  env = jit_env()
   env[READONLY_ENV] = str(readonly)
   env["PYTHONPATH"] = os.pathsep.join(
       [str(patch_dir)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))

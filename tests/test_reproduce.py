@@ -14,7 +14,6 @@ from dssgd_jax import sweep as sweep_lib
 from dssgd_jax.errors import ConfigError
 
 from cli_helpers import jit_env as _jit_env
-from cli_helpers import session_dir as _session_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -28,8 +27,8 @@ ROWS = ["centralized", "dssgd_1", "dssgd_0.1", "dssgd_0.001", "standalone",
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  return _jit_env(tmp_path_factory)
+def env():
+  return _jit_env()
 
 
 def _reproduce(args, env):

@@ -30,8 +30,8 @@ FLAGS = ["--dataset=digits", "--model=digits_mlp", "--num_participants=4",
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  e = _jit_env(tmp_path_factory)
+def env():
+  e = _jit_env()
   for k in (experiment.KILL_AFTER_EPOCH_ENV,
             experiment.KILL_IN_CHECKPOINT_ENV):
     e.pop(k, None)

@@ -120,7 +120,7 @@ def test_a_killed_seeded_run_resumes_to_the_same_result(tmp_path,
                                                        tmp_path_factory):
   flags = [f"--{k}={v}" for k, v in TINY.items()] + [
       "--protocol=round_robin", "--num_seeds=3"]
-  env = jit_env(tmp_path_factory)
+  env = jit_env()
   env.pop(experiment.KILL_AFTER_EPOCH_ENV, None)
 
   def main(workdir, extra_env=None):
