@@ -33,5 +33,10 @@ def main(argv):
   print(cli.summary_text(summary, cfg.workdir))
 
 
-if __name__ == "__main__":
+def run():
+  """The command line: flags from ``sys.argv``; exits with the status."""
   sys.exit(app.run(main, flags_parser=cli.parse_flags))
+
+
+if __name__ == "__main__":
+  run()

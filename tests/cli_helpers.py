@@ -18,3 +18,100 @@ def jit_env():
   cache and compile settings (tests/conftest.py), so identical tiny runs in
   different tests compile once."""
   return dict(os.environ, JAX_PLATFORMS="cpu")
+
+
+# The fork server behind `ForkedCli`: imports the entry point's module once,
+# then forks one child per command. A child is a process of its own (its own
+# flags, stdout, stderr and exit status, as `python -m MODULE ARGS` gives),
+# started without paying Python's and JAX's imports again. Requests and
+# replies are JSON lines on stdin/stdout; the child's output goes to files.
+_SERVER = r'''
+import importlib, json, os, sys, tempfile, traceback
+module = importlib.import_module(sys.argv[1])
+reply = os.fdopen(os.dup(1), "w")
+for line in sys.stdin:
+  req = json.loads(line)
+  out_path, err_path = (tempfile.mkstemp()[1] for _ in range(2))
+  pid = os.fork()
+  if pid == 0:
+    code = 1
+    try:
+      for fd, path in ((1, out_path), (2, err_path)):
+        os.dup2(os.open(path, os.O_WRONLY), fd)
+      os.chdir(req["cwd"])
+      os.environ.update(req["env"])
+      sys.argv = [module.__file__, *req["argv"]]
+      try:
+        module.run()
+        code = 0
+      except SystemExit as e:  # what the interpreter does with it
+        if e.code is None or isinstance(e.code, int):
+          code = e.code or 0
+        else:
+          print(e.code, file=sys.stderr)
+      except BaseException:  # an uncaught exception: traceback, status 1
+        traceback.print_exc()
+    finally:
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(code)
+  _, status = os.waitpid(pid, 0)
+  outs = []
+  for path in (out_path, err_path):
+    with open(path) as f:
+      outs.append(f.read())
+    os.remove(path)
+  reply.write(json.dumps([os.waitstatus_to_exitcode(status), *outs]) + "\n")
+  reply.flush()
+'''
+
+
+class Completed:
+  """The part of ``subprocess.CompletedProcess`` the tests read."""
+
+  def __init__(self, args, returncode, stdout, stderr):
+    self.args, self.returncode = args, returncode
+    self.stdout, self.stderr = stdout, stderr
+
+
+class ForkedCli:
+  """``python -m MODULE ARGS`` for many commands, each in its own process.
+
+  Each command runs in a child forked from one server process that has
+  imported ``MODULE`` (which must have a ``run()`` that its ``__main__``
+  block calls), so a command costs its own work, not ~4 s of imports: the
+  child parses its flags, prints, writes and exits with its status exactly as
+  ``python -m`` would. JAX is imported but not started in the server, so each
+  child starts its own backend. Use a real subprocess where the test sends a
+  signal.
+  """
+
+  def __init__(self, module, env):
+    import subprocess  # pylint: disable=g-import-not-at-top
+    import sys  # pylint: disable=g-import-not-at-top
+    self._proc = subprocess.Popen(
+        [sys.executable, "-c", _SERVER, module], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, text=True, env=env)
+    self._module = module
+
+  def __call__(self, args, cwd, env=None, timeout=300):
+    import json  # pylint: disable=g-import-not-at-top
+    import select  # pylint: disable=g-import-not-at-top
+    self._proc.stdin.write(json.dumps(
+        {"argv": [str(a) for a in args], "cwd": str(cwd),
+         "env": env or {}}) + "\n")
+    self._proc.stdin.flush()
+    ready, _, _ = select.select([self._proc.stdout], [], [], timeout)
+    if not ready:
+      self.close()
+      raise TimeoutError(f"python -m {self._module} {' '.join(args)}: "
+                         f"no exit within {timeout} s")
+    line = self._proc.stdout.readline()
+    if not line:
+      raise RuntimeError(f"the fork server for {self._module} died")
+    returncode, stdout, stderr = json.loads(line)
+    return Completed(args, returncode, stdout, stderr)
+
+  def close(self):
+    self._proc.kill()
+    self._proc.wait()

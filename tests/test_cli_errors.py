@@ -18,6 +18,7 @@ import pytest
 
 from dssgd_jax.run import experiment
 
+from cli_helpers import ForkedCli
 from cli_helpers import jit_env as _jit_env
 from cli_helpers import session_dir as _session_dir
 
@@ -102,11 +103,27 @@ def _snapshot(path):
   return out
 
 
+_FORKED = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fork_server():
+  _FORKED.append(ForkedCli("dssgd_jax.main", _jit_env()))
+  yield
+  _FORKED.pop().close()
+
+
 def _cli(args, timeout=300):
-  env = _jit_env()
+  """``python -m dssgd_jax.main ARGS``: its own process, forked from a server
+  that has done the imports (cli_helpers.ForkedCli);
+  test_the_real_entry_point_gives_the_same_error runs the real command."""
+  return _FORKED[0](args, cwd=REPO, timeout=timeout)
+
+
+def _real_cli(args, timeout=300):
   return subprocess.run([sys.executable, "-m", "dssgd_jax.main", *args],
-                        capture_output=True, text=True, cwd=REPO, env=env,
-                        timeout=timeout)
+                        capture_output=True, text=True, cwd=REPO,
+                        env=_jit_env(), timeout=timeout)
 
 
 def _assert_one_line_error(out, must_contain):
@@ -196,6 +213,22 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
 
 def test_missing_workdir():
   _assert_one_line_error(_cli(BASE), "--workdir")
+
+
+@pytest.mark.parametrize("flags,must_contain", [
+    (["--upload_fraction=1.5"], "--upload_fraction"),
+    (["--batch_size=abc"], "--batch_size"),
+    (["leftover_argument"], "leftover_argument")],
+                         ids=["config", "absl", "positional"])
+def test_the_real_entry_point_gives_the_same_error(flags, must_contain,
+                                                   finished_run):
+  # The forked commands above stand for `python -m dssgd_jax.main`: the real
+  # command gives the same status and line (one per kind of failure: a
+  # config check, absl's flag parsing, a positional argument).
+  args = [*BASE, f"--workdir={finished_run}", *flags]
+  real, forked = _real_cli(args), _cli(args)
+  _assert_one_line_error(real, must_contain)
+  assert (forked.returncode, forked.stderr) == (real.returncode, real.stderr)
 
 
 def test_workdir_is_a_file(tmp_path):
