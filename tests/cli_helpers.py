@@ -1,6 +1,8 @@
 """Helpers shared by the CLI tests (subprocess runs of the entry points)."""
 
 import os
+import subprocess
+import sys
 
 
 def session_dir(tmp_path_factory, name):
@@ -66,14 +68,6 @@ for line in sys.stdin:
 '''
 
 
-class Completed:
-  """The part of ``subprocess.CompletedProcess`` the tests read."""
-
-  def __init__(self, args, returncode, stdout, stderr):
-    self.args, self.returncode = args, returncode
-    self.stdout, self.stderr = stdout, stderr
-
-
 class ForkedCli:
   """``python -m MODULE ARGS`` for many commands, each in its own process.
 
@@ -87,8 +81,6 @@ class ForkedCli:
   """
 
   def __init__(self, module, env):
-    import subprocess  # pylint: disable=g-import-not-at-top
-    import sys  # pylint: disable=g-import-not-at-top
     self._proc = subprocess.Popen(
         [sys.executable, "-c", _SERVER, module], stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, text=True, env=env)
@@ -110,7 +102,7 @@ class ForkedCli:
     if not line:
       raise RuntimeError(f"the fork server for {self._module} died")
     returncode, stdout, stderr = json.loads(line)
-    return Completed(args, returncode, stdout, stderr)
+    return subprocess.CompletedProcess(args, returncode, stdout, stderr)
 
   def close(self):
     self._proc.kill()
