@@ -1,6 +1,8 @@
 """Helpers shared by the CLI tests (subprocess runs of the entry points)."""
 
+import json
 import os
+import select
 import subprocess
 import sys
 
@@ -33,15 +35,14 @@ module = importlib.import_module(sys.argv[1])
 reply = os.fdopen(os.dup(1), "w")
 for line in sys.stdin:
   req = json.loads(line)
-  out_path, err_path = (tempfile.mkstemp()[1] for _ in range(2))
+  files = [tempfile.mkstemp() for _ in range(2)]  # (fd, path): stdout, stderr
   pid = os.fork()
   if pid == 0:
     code = 1
     try:
-      for fd, path in ((1, out_path), (2, err_path)):
-        os.dup2(os.open(path, os.O_WRONLY), fd)
+      for target, (fd, _) in zip((1, 2), files):
+        os.dup2(fd, target)
       os.chdir(req["cwd"])
-      os.environ.update(req["env"])
       sys.argv = [module.__file__, *req["argv"]]
       try:
         module.run()
@@ -59,7 +60,8 @@ for line in sys.stdin:
       os._exit(code)
   _, status = os.waitpid(pid, 0)
   outs = []
-  for path in (out_path, err_path):
+  for fd, path in files:
+    os.close(fd)
     with open(path) as f:
       outs.append(f.read())
     os.remove(path)
@@ -86,12 +88,9 @@ class ForkedCli:
         stdout=subprocess.PIPE, text=True, env=env)
     self._module = module
 
-  def __call__(self, args, cwd, env=None, timeout=300):
-    import json  # pylint: disable=g-import-not-at-top
-    import select  # pylint: disable=g-import-not-at-top
+  def __call__(self, args, cwd, timeout=300):
     self._proc.stdin.write(json.dumps(
-        {"argv": [str(a) for a in args], "cwd": str(cwd),
-         "env": env or {}}) + "\n")
+        {"argv": [str(a) for a in args], "cwd": str(cwd)}) + "\n")
     self._proc.stdin.flush()
     ready, _, _ = select.select([self._proc.stdout], [], [], timeout)
     if not ready:

@@ -16,7 +16,7 @@ possible (the suite is mostly XLA compilation of hundreds of tiny programs).
   the program itself, can. It lives in a temporary directory that the
   session removes at the end.
 
-Both are set in the environment before JAX is imported, so the workers and
+All three are set in the environment before JAX is imported, so the workers and
 the CLI subprocesses inherit them, and a test that compares a subprocess's
 numbers with its own computes both the same way. A value already in the
 environment is kept.
