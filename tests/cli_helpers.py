@@ -32,6 +32,8 @@ def jit_env():
 _SERVER = r'''
 import importlib, json, os, sys, tempfile, traceback
 module = importlib.import_module(sys.argv[1])
+for name in sys.argv[2:]:  # what the module imports when it runs
+  importlib.import_module(name)
 reply = os.fdopen(os.dup(1), "w")
 for line in sys.stdin:
   req = json.loads(line)
@@ -43,6 +45,7 @@ for line in sys.stdin:
       for target, (fd, _) in zip((1, 2), files):
         os.dup2(fd, target)
       os.chdir(req["cwd"])
+      os.environ.update(req["env"])
       sys.argv = [module.__file__, *req["argv"]]
       try:
         module.run()
@@ -70,6 +73,16 @@ for line in sys.stdin:
 '''
 
 
+# What a run imports only once it runs (figures, data, event files): the fork
+# server imports them too, so that each command pays only its own work.
+# (matplotlib's figure and Agg modules are most of pyplot's import, without
+# choosing a backend.)
+RUN_IMPORTS = ("dssgd_jax.plot", "matplotlib.figure",
+               "matplotlib.backends.backend_agg", "dssgd_jax.data",
+               "dssgd_jax.run.build", "dssgd_jax.participant",
+               "sklearn.datasets", "tensorboardX")
+
+
 class ForkedCli:
   """``python -m MODULE ARGS`` for many commands, each in its own process.
 
@@ -82,15 +95,18 @@ class ForkedCli:
   signal.
   """
 
-  def __init__(self, module, env):
+  def __init__(self, module, env, preload=RUN_IMPORTS):
     self._proc = subprocess.Popen(
-        [sys.executable, "-c", _SERVER, module], stdin=subprocess.PIPE,
+        [sys.executable, "-c", _SERVER, module, *preload],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, text=True, env=env)
     self._module = module
 
-  def __call__(self, args, cwd, timeout=300):
+  def __call__(self, args, cwd, timeout=300, env=None):
+    """Runs one command; ``env``: variables added to the server's for it."""
     self._proc.stdin.write(json.dumps(
-        {"argv": [str(a) for a in args], "cwd": str(cwd)}) + "\n")
+        {"argv": [str(a) for a in args], "cwd": str(cwd),
+         "env": {k: str(v) for k, v in (env or {}).items()}}) + "\n")
     self._proc.stdin.flush()
     ready, _, _ = select.select([self._proc.stdout], [], [], timeout)
     if not ready:

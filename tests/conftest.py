@@ -9,6 +9,10 @@ possible (the suite is mostly XLA compilation of hundreds of tiny programs).
 * ``XLA_FLAGS=--xla_cpu_use_fusion_emitters=false``: XLA:CPU's older fusion
   code generator compiles these programs about twice as fast (measured on the
   exchange programs of tests/test_flags.py: 0.9 s against 1.4-2.7 s each).
+* ``XLA_FLAGS=--xla_cpu_parallel_codegen_split_count=1``: one code generation
+  thread per program; the test workers already keep every core busy, and the
+  split costs more than it saves on small programs (eight exchange programs:
+  15.4-16.5 s of CPU against 18.2-18.7 s).
 * A persistent compilation cache for the whole session, shared by the
   pytest-xdist workers and every subprocess a test starts: many tests compile
   the same program (the same tiny run, built by a fresh closure each time),
@@ -16,7 +20,7 @@ possible (the suite is mostly XLA compilation of hundreds of tiny programs).
   the program itself, can. It lives in a temporary directory that the
   session removes at the end.
 
-All three are set in the environment before JAX is imported, so the workers and
+All four are set in the environment before JAX is imported, so the workers and
 the CLI subprocesses inherit them, and a test that compares a subprocess's
 numbers with its own computes both the same way. A value already in the
 environment is kept.
@@ -28,9 +32,11 @@ import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
-if "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_cpu_use_fusion_emitters=false").strip()
+for _flag in ("--xla_cpu_use_fusion_emitters=false",
+              "--xla_cpu_parallel_codegen_split_count=1"):
+  if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " +
+                               _flag).strip()
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   # Set by the first process that imports this file (pytest itself, or the
   # xdist controller before it starts its workers): one cache per session.
@@ -45,3 +51,24 @@ def pytest_unconfigure(config):
   del config
   if os.environ.get("DSSGD_TEST_OWNS_JIT_CACHE") == str(os.getpid()):
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+def pytest_configure(config):
+  # With pytest-xdist, hand out tests one at a time (each worker holds the
+  # test it runs and the next), so the order below decides when each starts.
+  if getattr(config.option, "maxschedchunk", "absent") is None:
+    config.option.maxschedchunk = 1
+
+
+def pytest_collection_modifyitems(config, items):
+  """Longest tests first (``@pytest.mark.slow(seconds=...)``, their time on
+  a 2-core machine), the rest in collection order: a long test that starts
+  last would leave the other workers idle while it runs. The Flower
+  deployment test, mostly waiting on its processes, starts first."""
+  del config
+
+  def seconds(item):
+    mark = item.get_closest_marker("slow")
+    return mark.kwargs.get("seconds", 0) if mark else 0
+
+  items.sort(key=lambda item: -seconds(item))  # stable

@@ -171,6 +171,7 @@ def test_unfinished_and_missing_runs_are_user_errors(tmp_path, overfit_run):
   assert res["epoch"] == 80
 
 
+@pytest.mark.slow(seconds=20)
 def test_cli(tmp_path, overfit_run):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-m", "dssgd_jax.audit",

@@ -19,6 +19,7 @@ REQUIRED = ("participant_axis_vs_loop_b32", "participant_axis_vs_loop_b1",
             "selection_speedup_vs_top_k", "overhead_fraction")
 
 
+@pytest.mark.slow(seconds=60)
 def test_bench_last_line_is_json_with_the_headline_keys():
   out = subprocess.run(
       [sys.executable, "-m", "dssgd_jax.bench", "--models=digits_mlp",

@@ -171,6 +171,7 @@ def test_unwritable_workdir():
                          "--workdir=/proc/self")
 
 
+@pytest.mark.slow(seconds=25)
 def test_workdir_without_a_completed_epoch_accepts_new_flags(tmp_path):
   # A run that failed in epoch 1 (no checkpoint) holds nothing to protect:
   # the corrected command runs there.
@@ -182,6 +183,7 @@ def test_workdir_without_a_completed_epoch_accepts_new_flags(tmp_path):
     assert json.load(f)["learning_rate"] == 0.1
 
 
+@pytest.mark.slow(seconds=20)
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
   # SIGINT while epochs run: one line naming the last checkpoint, status 130,
   # and the same command resumes.
@@ -266,6 +268,7 @@ def test_corrupt_file_in_workdir(name, tmp_path, finished_run):
   assert _snapshot(workdir) == before
 
 
+@pytest.mark.slow(seconds=22)
 def test_non_finite_loss_stops_and_keeps_earlier_outputs(tmp_path):
   # Huge Laplace noise on the uploads (parallel protocol: every participant
   # trains epoch 1 on the initial model) makes the server's vector overflow,

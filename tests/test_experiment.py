@@ -72,6 +72,7 @@ def test_centralized_reports_the_one_model(tmp_path):
     assert r["uploaded_entries"] == 0 and r["bytes_up"] == 0
 
 
+@pytest.mark.slow(seconds=22)
 def test_cli_flagfile_and_override(tmp_path):
   flagfile = tmp_path / "tiny.cfg"
   flagfile.write_text("\n".join(f"--{k}={v}" for k, v in TINY.items()

@@ -155,6 +155,7 @@ def _check_flag(base, name, value, fingerprint):
   return "changed"
 
 
+@pytest.mark.slow(seconds=30)
 @pytest.mark.parametrize("algorithm,protocol,noise", COMBOS)
 def test_every_exchange_flag_changes_the_run_or_is_rejected(
     algorithm, protocol, noise):
@@ -205,6 +206,7 @@ RUN_ALTERNATIVES = {
 }
 
 
+@pytest.mark.slow(seconds=30)
 def test_every_data_and_training_flag_changes_the_run_or_is_rejected():
   # These flags are read the same way by every algorithm (run/experiment.py
   # and run/build.data); DSSGD's parallel protocol stands for all of them.

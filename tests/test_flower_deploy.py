@@ -306,6 +306,7 @@ def _check_parallel_with_faults(cluster, tmp_path):
   _assert_same_run(tmp_path / "upto2", sim.workdir)
 
 
+@pytest.mark.slow(seconds=280)
 def test_deployment_end_to_end(cluster, tmp_path):
   # One test (one cluster, one pytest-xdist worker), in this order: the
   # participant killed last cannot rejoin with its key for about a minute.

@@ -63,6 +63,7 @@ def _errors(nb) -> list[str]:
           for out in cell.get("outputs", []) if out.output_type == "error"]
 
 
+@pytest.mark.slow(seconds=30)
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_executes_in_small_setting(name, tmp_path, monkeypatch):
   monkeypatch.setenv("DSSGD_NOTEBOOK_SMALL", "1")

@@ -229,6 +229,7 @@ def test_audit_write_result_raises_a_user_error_naming_the_file(sweep,
   assert _snapshot(sweep) == before
 
 
+@pytest.mark.slow(seconds=25)
 def test_audit_cli_prints_the_report_then_one_error_line(tmp_path_factory,
                                                          patch_dir, sweep):
   workdir = str(sweep / "run")

@@ -45,6 +45,7 @@ def sweep(tmp_path_factory, env):
   return workdir, out
 
 
+@pytest.mark.slow(seconds=45)
 def test_table_figures_and_results(sweep):
   workdir, out = sweep
   table = (workdir / "table.md").read_text()

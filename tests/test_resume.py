@@ -1,7 +1,8 @@
 """Checkpoints and resumption with real process kills (experiment.py).
 
-A subprocess running ``python -m dssgd_jax.main`` is killed (``os._exit``
-from the test hooks in experiment.py, which skips every cleanup exactly like
+A process running ``python -m dssgd_jax.main`` (forked from a server that has
+done the imports, tests/cli_helpers.ForkedCli) is killed (``os._exit`` from
+the test hooks in experiment.py, which skips every cleanup exactly like
 SIGKILL) after an epoch's checkpoint, or in the middle of writing one; the same
 command then resumes, and its metrics must equal those of an uninterrupted run
 number for number (timing fields aside).
@@ -10,14 +11,13 @@ number for number (timing fields aside).
 import fcntl
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from dssgd_jax.run import experiment
 
+from cli_helpers import ForkedCli
 from cli_helpers import jit_env as _jit_env
 from cli_helpers import session_dir as _session_dir
 
@@ -30,19 +30,19 @@ FLAGS = ["--dataset=digits", "--model=digits_mlp", "--num_participants=4",
 
 
 @pytest.fixture(scope="module")
-def env():
+def cli():
+  """``python -m dssgd_jax.main``, one process per command."""
   e = _jit_env()
   for k in (experiment.KILL_AFTER_EPOCH_ENV,
             experiment.KILL_IN_CHECKPOINT_ENV):
     e.pop(k, None)
-  return e
+  server = ForkedCli("dssgd_jax.main", e)
+  yield server
+  server.close()
 
 
-def _main(workdir, env, extra=(), **hooks):
-  e = dict(env, **hooks)
-  return subprocess.run(
-      [sys.executable, "-m", "dssgd_jax.main", *FLAGS, f"--workdir={workdir}",
-       *extra], capture_output=True, text=True, cwd=REPO, env=e, timeout=300)
+def _main(workdir, cli, extra=(), **hooks):
+  return cli([*FLAGS, f"--workdir={workdir}", *extra], cwd=REPO, env=hooks)
 
 
 def _metrics(workdir):
@@ -61,27 +61,28 @@ def _checkpoint(workdir):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, env):
+def reference(tmp_path_factory, cli):
   """An uninterrupted 4-epoch run (one per session, whatever the worker)."""
   root = _session_dir(tmp_path_factory, "resume_reference")
   workdir = root / "run"
   with open(root / "lock", "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     if not (workdir / "summary.json").exists():
-      out = _main(workdir, env)
+      out = _main(workdir, cli)
       assert out.returncode == 0, out.stderr
   return workdir
 
 
-def test_killed_after_epoch_2_resumes_identically(tmp_path, env, reference):
-  out = _main(tmp_path, env, **{experiment.KILL_AFTER_EPOCH_ENV: "2"})
+@pytest.mark.slow(seconds=45)
+def test_killed_after_epoch_2_resumes_identically(tmp_path, cli, reference):
+  out = _main(tmp_path, cli, **{experiment.KILL_AFTER_EPOCH_ENV: "2"})
   assert out.returncode == experiment.KILLED_EXIT, out.stderr
   assert [r["epoch"] for r in _metrics(tmp_path)] == [1, 2]
   assert not os.path.exists(tmp_path / "summary.json")
   ckpt = _checkpoint(tmp_path)
   assert int(ckpt["epoch"]) == 2
 
-  out = _main(tmp_path, env)
+  out = _main(tmp_path, cli)
   assert out.returncode == 0, out.stderr
   assert "Resuming" in out.stderr and "after epoch 2" in out.stderr
   assert _strip(_metrics(tmp_path)) == _strip(_metrics(reference))
@@ -112,12 +113,13 @@ def _event_steps(workdir):
   return [e.step for e in acc.Scalars("participant_accuracy_mean")]
 
 
+@pytest.mark.slow(seconds=40)
 def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(
-    tmp_path, env, reference):
+    tmp_path, cli, reference):
   # Checkpoints every 2 epochs: epochs 3 and 4 run, epoch 4's checkpoint is
   # torn half-way, and the process dies before replacing epoch 2's.
   extra = ["--checkpoint_every=2"]
-  out = _main(tmp_path, env, extra, **{experiment.KILL_IN_CHECKPOINT_ENV: "4"})
+  out = _main(tmp_path, cli, extra, **{experiment.KILL_IN_CHECKPOINT_ENV: "4"})
   assert out.returncode == experiment.KILLED_EXIT, out.stderr
   assert [r["epoch"] for r in _metrics(tmp_path)] == [1, 2, 3, 4]
   assert int(_checkpoint(tmp_path)["epoch"]) == 2  # intact and loadable
@@ -126,7 +128,7 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(
   with pytest.raises(Exception):
     np.load(torn)["epoch"]  # pylint: disable=expression-not-assigned
 
-  out = _main(tmp_path, env, extra)
+  out = _main(tmp_path, cli, extra)
   assert out.returncode == 0, out.stderr
   assert "after epoch 2" in out.stderr
   # Epochs 3 and 4 were recomputed from epoch 2's checkpoint, not appended.

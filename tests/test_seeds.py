@@ -11,8 +11,6 @@ a seeded run killed after epoch 1 resumes to the same result.
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,6 +19,7 @@ from dssgd_jax.errors import ConfigError
 from dssgd_jax.run import config as config_lib
 from dssgd_jax.run import experiment
 
+from cli_helpers import ForkedCli
 from cli_helpers import jit_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,6 +55,7 @@ def _run(tmp_path, name, **flags):
   return cfg, summary
 
 
+@pytest.mark.slow(seconds=18)
 @pytest.mark.parametrize("protocol,seed_axis", [("round_robin", "map"),
                                                 ("parallel", "vmap")])
 def test_num_seeds_equals_separate_runs(tmp_path, protocol, seed_axis):
@@ -116,27 +116,29 @@ def test_vary_partition_gives_each_seed_its_split(tmp_path):
             row[k], rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow(seconds=85)
 def test_a_killed_seeded_run_resumes_to_the_same_result(tmp_path,
                                                        tmp_path_factory):
   flags = [f"--{k}={v}" for k, v in TINY.items()] + [
       "--protocol=round_robin", "--num_seeds=3"]
   env = jit_env()
   env.pop(experiment.KILL_AFTER_EPOCH_ENV, None)
+  cli = ForkedCli("dssgd_jax.main", env)  # one process per command
 
   def main(workdir, extra_env=None):
-    return subprocess.run(
-        [sys.executable, "-m", "dssgd_jax.main", f"--workdir={workdir}",
-         *flags], env={**env, **(extra_env or {})}, capture_output=True,
-        text=True, timeout=300, cwd=REPO)
+    return cli([f"--workdir={workdir}", *flags], cwd=REPO, env=extra_env)
 
-  killed = main(tmp_path / "killed",
-                {experiment.KILL_AFTER_EPOCH_ENV: "1"})
-  assert killed.returncode == experiment.KILLED_EXIT, killed.stderr
-  assert len(_metrics(tmp_path / "killed")) == 1
-  resumed = main(tmp_path / "killed")
-  assert resumed.returncode == 0, resumed.stderr
-  whole = main(tmp_path / "whole")
-  assert whole.returncode == 0, whole.stderr
+  try:
+    killed = main(tmp_path / "killed",
+                  {experiment.KILL_AFTER_EPOCH_ENV: "1"})
+    assert killed.returncode == experiment.KILLED_EXIT, killed.stderr
+    assert len(_metrics(tmp_path / "killed")) == 1
+    resumed = main(tmp_path / "killed")
+    assert resumed.returncode == 0, resumed.stderr
+    whole = main(tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr
+  finally:
+    cli.close()
   a, b = _metrics(tmp_path / "killed"), _metrics(tmp_path / "whole")
   assert len(a) == len(b) == 2
   for ra, rb in zip(a, b):

@@ -70,6 +70,7 @@ def _env(devices):
   return env
 
 
+@pytest.mark.slow(seconds=40)
 def test_eight_devices_match_one_device():
   proc = subprocess.run(
       [sys.executable, "-c", _WORKER, json.dumps(_RUNS),
@@ -128,6 +129,7 @@ def _two_processes(workdir, epochs, extra_env=None):
   return out
 
 
+@pytest.mark.slow(seconds=80)
 def test_two_processes_share_one_workdir_and_resume(tmp_path):
   # Only process 0 writes: one row per epoch, one readable checkpoint; a
   # two-process run killed after epoch 2 and resumed equals one process.

@@ -237,6 +237,7 @@ def test_privacy_table_bad_lists(lists, message, tmp_path):
   assert str(e.value) == message
 
 
+@pytest.mark.slow(seconds=18)
 def test_privacy_table_runs_audits_and_reuses(tmp_path):
   base = _base(tmp_path, epochs=1)
   kw = dict(baselines=["standalone"], upload_fractions=[],
