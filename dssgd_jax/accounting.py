@@ -55,24 +55,47 @@ What is covered and what is not:
   final model, evaluation results it publishes, timing).
 """
 
+from __future__ import annotations
+
+import functools
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import attr
-import dp_accounting
+
+if TYPE_CHECKING:
+  import dp_accounting
+
+# ``dp_accounting`` is imported where it is used, not here: it imports
+# scipy.signal, .stats and .optimize (about 1.5 s), which a run without noise
+# never needs, and every command imports this module.
 
 
-@attr.s(frozen=True)
-class PureDpEvent(dp_accounting.DpEvent):
-  """A mechanism that is ε-DP (δ = 0) as a whole, e.g. the sparse vector
-  technique's upload. ``dp_accounting`` has no event for a generic pure-ε
-  mechanism (its accountants model noise distributions), so this one is
-  composed by :func:`compose` with basic composition.
+@functools.cache
+def _pure_dp_event_class() -> type:
+  import dp_accounting  # pylint: disable=g-import-not-at-top,redefined-outer-name
 
-  Attributes:
-    epsilon: ε of one release.
-  """
-  epsilon = attr.ib()
+  @attr.s(frozen=True)
+  class PureDpEvent(dp_accounting.DpEvent):
+    """A mechanism that is ε-DP (δ = 0) as a whole, e.g. the sparse vector
+    technique's upload. ``dp_accounting`` has no event for a generic pure-ε
+    mechanism (its accountants model noise distributions), so this one is
+    composed by :func:`compose` with basic composition.
+
+    Attributes:
+      epsilon: ε of one release.
+    """
+    epsilon = attr.ib()
+
+  PureDpEvent.__module__ = __name__
+  return PureDpEvent
+
+
+def __getattr__(name: str):
+  """``PureDpEvent`` (a ``dp_accounting.DpEvent``) is made on first use."""
+  if name == "PureDpEvent":
+    return _pure_dp_event_class()
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 ACCOUNTANTS = ("rdp", "pld")
 ADJACENCIES = ("replace", "add_remove")
@@ -123,6 +146,7 @@ def gaussian_event(noise_multiplier: float, epochs: int,
   >>> gaussian_event(2.0, 3)
   SelfComposedDpEvent(event=GaussianDpEvent(noise_multiplier=1.0), count=3)
   """
+  import dp_accounting  # pylint: disable=g-import-not-at-top,redefined-outer-name
   effective = noise_multiplier / sensitivity_factor(adjacency)
   return dp_accounting.SelfComposedDpEvent(
       dp_accounting.GaussianDpEvent(effective), int(epochs))
@@ -141,6 +165,7 @@ def _pld_interval(effective: float, epochs: int) -> float:
 
 
 def _epsilon(noise_multiplier, epochs, delta, accountant, adjacency):
+  import dp_accounting  # pylint: disable=g-import-not-at-top,redefined-outer-name
   if epochs == 0:
     return 0.0
   if noise_multiplier == 0:
@@ -259,18 +284,20 @@ def compose(event: dp_accounting.DpEvent, epochs: int, delta: float
   pure DP). Any other event is composed by ``dp_accounting``'s RDP
   accountant and reported at ``delta``.
 
+  >>> import dp_accounting
   >>> compose(dp_accounting.LaplaceDpEvent(0.5), 3, 1e-5)
   (6.0, 0.0)
   >>> round(compose(dp_accounting.GaussianDpEvent(1.0), 10, 1e-5)[0], 2)
   19.05
   """
+  import dp_accounting  # pylint: disable=g-import-not-at-top,redefined-outer-name
   if epochs == 0:
     return 0.0, 0.0
   if isinstance(event, dp_accounting.LaplaceDpEvent):
     if event.noise_multiplier == 0:
       return math.inf, 0.0
     return epochs / event.noise_multiplier, 0.0
-  if isinstance(event, PureDpEvent):
+  if isinstance(event, _pure_dp_event_class()):
     return epochs * float(event.epsilon), 0.0
   acc = dp_accounting.rdp.RdpAccountant()
   acc.compose(dp_accounting.SelfComposedDpEvent(event, int(epochs)))

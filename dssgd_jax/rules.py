@@ -39,11 +39,12 @@ returns ``UploadRule(apply, privacy, name)``; see the custom-experiment
 notebook for one written in a few lines.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import math
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
-import dp_accounting
 import jax
 import jax.numpy as jnp
 
@@ -51,6 +52,9 @@ from dssgd_jax import accounting
 from dssgd_jax import privacy as privacy_lib
 from dssgd_jax import selection as selection_lib
 from dssgd_jax.selection import Upload
+
+if TYPE_CHECKING:
+  import dp_accounting  # imported where used (dssgd_jax.accounting says why)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,6 +334,7 @@ def laplace(scale: float) -> UploadRule:
   With data-independent indices and values bounded by γ on c slots, one
   upload is ε = 2γc/b differentially private (L1 sensitivity 2γc).
   """
+  import dp_accounting  # pylint: disable=g-import-not-at-top,redefined-outer-name
   return _noise_rule("laplace", scale, Privacy.l1_bound,
                      dp_accounting.LaplaceDpEvent, "clip(γ)")
 
@@ -341,6 +346,7 @@ def gaussian(stddev: float) -> UploadRule:
   or ``clip(γ)`` on c slots: C = γ·√c), one upload is the Gaussian mechanism
   with noise multiplier σ/(2C).
   """
+  import dp_accounting  # pylint: disable=g-import-not-at-top,redefined-outer-name
   return _noise_rule("gaussian", stddev, Privacy.l2_bound,
                      dp_accounting.GaussianDpEvent, "l2_clip(C) or clip(γ)")
 

@@ -53,6 +53,13 @@ def pytest_unconfigure(config):
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
+def pytest_xdist_auto_num_workers(config):
+  """``-n auto``: one worker more than the cores (up to 8), because the
+  Flower deployment test spends most of its time waiting on its processes."""
+  del config
+  return min(8, (os.cpu_count() or 1) + 1)
+
+
 def pytest_configure(config):
   # With pytest-xdist, hand out tests one at a time (each worker holds the
   # test it runs and the next), so the order below decides when each starts.

@@ -48,7 +48,13 @@ SEED = 3
 FLAGS = ("--dataset=digits --model=digits_mlp --num_participants=3 "
          "--samples_per_participant=40 --batch_size=10 --learning_rate=0.1 "
          f"--upload_fraction=0.1 --seed={SEED} --progress=false")
-RUN_TIMEOUT = 420
+RUN_TIMEOUT = 600
+# How long the server waits for a participant's reply. Generous: the test
+# shares the machine's cores with the rest of the suite, and a reply is a new
+# process (imports, compilation cache) that can take tens of seconds then. The
+# restarted run waits RESTART_REPLY_TIMEOUT for the participant killed in it.
+REPLY_TIMEOUT = 180
+RESTART_REPLY_TIMEOUT = 90
 MARKER = "DSSGD_FLOWER_TEST"  # in the environment of every process started
 
 
@@ -82,7 +88,7 @@ class Cluster:
   def start(self, name, *args):
     log = open(os.path.join(self.root, f"{name}.log"), "w")
     self.procs[name] = subprocess.Popen(
-        ["timeout", "-k", "5", "900", sys.executable, "-m",
+        ["timeout", "-k", "5", "1200", sys.executable, "-m",
          "dssgd_jax.flower", *args], env=self.env, cwd=REPO, stdout=log,
         stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -119,7 +125,8 @@ class Cluster:
             f"--state_dir={self.root}/p{i}", f"--seed={SEED}",
             f"--port={_free_port()}", f"--flwr_home={self.root}/h{i}"]
 
-  def run(self, workdir, extra, reply_timeout=60, background=False):
+  def run(self, workdir, extra, reply_timeout=REPLY_TIMEOUT,
+          background=False):
     args = ["run", f"--superlink={self.address}", f"--ca={self.ca}",
             f"--flwr_home={self.root}/home_run",
             f"--flags={FLAGS} --workdir={workdir} {extra}",
@@ -280,7 +287,8 @@ def _check_parallel_with_faults(cluster, tmp_path):
   cluster.kill("run")
   assert _metrics(workdir)[-1]["epoch"] == 1
   cluster.start_superlink()  # same database: the registered participants
-  cluster.run(workdir, extra, reply_timeout=40, background=True)
+  cluster.run(workdir, extra, reply_timeout=RESTART_REPLY_TIMEOUT,
+              background=True)
   deadline = time.time() + RUN_TIMEOUT
   while _checkpoint_epoch(workdir) < 2 and time.time() < deadline:
     time.sleep(0.2)
