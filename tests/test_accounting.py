@@ -2,6 +2,8 @@
 
 import doctest
 import math
+import subprocess
+import sys
 
 import dp_accounting
 import numpy as np
@@ -20,6 +22,36 @@ def test_pure_events_compose_to_epochs_times_epsilon():
       # Laplace with noise multiplier b/Δ: ε = Δ/b per release.
       assert accounting.compose(dp_accounting.LaplaceDpEvent(1 / eps), epochs,
                                 1e-5)[0] == pytest.approx(epochs * eps)
+
+
+def test_pure_dp_event_is_a_dp_accounting_event():
+  assert issubclass(accounting.PureDpEvent, dp_accounting.DpEvent)
+  assert accounting.PureDpEvent is accounting.PureDpEvent  # made once
+  assert accounting.PureDpEvent(2.0) == accounting.PureDpEvent(2.0)
+  with pytest.raises(AttributeError):
+    accounting.NoSuchEvent  # pylint: disable=pointless-statement
+
+
+def test_commands_start_without_dp_accounting():
+  # It pulls in scipy's signal/stats/optimize (~1.5 s per process): only a
+  # run with noise, or a report, imports it, when it computes ε.
+  code = ("import sys, dssgd_jax.main, dssgd_jax.flower.client_app; "
+          "from dssgd_jax.run import build, config; "
+          "cfg = config.validate(config.Config(dataset='digits', "
+          "model='digits_mlp', num_participants=3, "
+          "samples_per_participant=10, "
+          "batch_size=5)); "
+          "build.claim(cfg, 100, 3); "
+          "print(sorted(m for m in ('dp_accounting', 'scipy.signal') "
+          "if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                       text=True, timeout=120, check=True)
+  assert out.stdout.strip() == "[]", out.stdout
+  code = code.replace("model='digits_mlp'", "model='digits_mlp', "
+                      "noise='svt', epsilon=1.0, clip_bound=0.01")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                       text=True, timeout=120, check=True)
+  assert "dp_accounting" in out.stdout, out.stdout
 
 
 def _direct(accountant_cls, z, epochs, delta, **kw):
