@@ -67,7 +67,7 @@ if TYPE_CHECKING:
   import dp_accounting
 
 # ``dp_accounting`` is imported where it is used, not here: it imports
-# scipy.signal, .stats and .optimize (about 1.5 s), which a run without noise
+# scipy.signal, .stats and .optimize (1.4-2 s), which a run without noise
 # never needs, and every command imports this module.
 
 

@@ -63,6 +63,9 @@ def pytest_xdist_auto_num_workers(config):
 def pytest_configure(config):
   # With pytest-xdist, hand out tests one at a time (each worker holds the
   # test it runs and the next), so the order below decides when each starts.
+  # Tests of one module may then run on several workers, each setting up the
+  # module's fixtures: an expensive one is shared by the session (a lock,
+  # cli_helpers.session_dir) or belongs to one test.
   if getattr(config.option, "maxschedchunk", "absent") is None:
     config.option.maxschedchunk = 1
 

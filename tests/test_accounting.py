@@ -33,7 +33,7 @@ def test_pure_dp_event_is_a_dp_accounting_event():
 
 
 def test_commands_start_without_dp_accounting():
-  # It pulls in scipy's signal/stats/optimize (~1.5 s per process): only a
+  # It pulls in scipy's signal/stats/optimize (1.4–2 s per process): only a
   # run with noise, or a report, imports it, when it computes ε.
   code = ("import sys, dssgd_jax.main, dssgd_jax.flower.client_app; "
           "from dssgd_jax.run import build, config; "
