@@ -54,8 +54,9 @@ def pytest_unconfigure(config):
 
 
 def pytest_xdist_auto_num_workers(config):
-  """``-n auto``: one worker more than the cores (up to 8), because the
-  Flower deployment test spends most of its time waiting on its processes."""
+  """``-n auto``: one worker more than the cores (up to 8): the worker that
+  runs the Flower deployment test mostly waits while the test's own processes
+  (SuperLink, SuperNodes, apps) do the work."""
   del config
   return min(8, (os.cpu_count() or 1) + 1)
 
@@ -74,7 +75,7 @@ def pytest_collection_modifyitems(config, items):
   """Longest tests first (``@pytest.mark.slow(seconds=...)``, their time on
   a 2-core machine), the rest in collection order: a long test that starts
   last would leave the other workers idle while it runs. The Flower
-  deployment test, mostly waiting on its processes, starts first."""
+  deployment test, the longest, starts first."""
   del config
 
   def seconds(item):
