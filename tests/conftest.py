@@ -30,6 +30,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 for _flag in ("--xla_cpu_use_fusion_emitters=false",
@@ -53,6 +55,7 @@ def pytest_unconfigure(config):
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook
 def pytest_xdist_auto_num_workers(config):
   """``-n auto``: one worker more than the cores (up to 8): the worker that
   runs the Flower deployment test mostly waits while the test's own processes
