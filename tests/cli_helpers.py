@@ -122,3 +122,9 @@ class ForkedCli:
   def close(self):
     self._proc.kill()
     self._proc.wait()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()

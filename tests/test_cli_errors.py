@@ -108,9 +108,10 @@ _FORKED = []
 
 @pytest.fixture(scope="module", autouse=True)
 def _fork_server():
-  _FORKED.append(ForkedCli("dssgd_jax.main", _jit_env()))
-  yield
-  _FORKED.pop().close()
+  with ForkedCli("dssgd_jax.main", _jit_env()) as server:
+    _FORKED.append(server)
+    yield
+    _FORKED.pop()
 
 
 def _cli(args, timeout=300):

@@ -156,8 +156,7 @@ def _snapshot(root) -> dict[str, bytes]:
   return files
 
 
-def _run_read_only(tmp_path_factory, patch_dir, readonly, *args,
-                   merge=False):
+def _run_read_only(patch_dir, readonly, *args, merge=False):
   """``python -m ARGS`` with writes under ``readonly`` refused."""
   env = jit_env()
   env[READONLY_ENV] = str(readonly)
@@ -202,12 +201,10 @@ def test_plot_run_raises_a_user_error_naming_the_file(sweep, read_only):
 
 @pytest.mark.parametrize("which,figure", [("run", plot.RUN_FIGURE),
                                           ("sweep", plot.SWEEP_FIGURE)])
-def test_plot_cli_on_a_read_only_directory(tmp_path_factory, patch_dir, sweep,
-                                           which, figure):
+def test_plot_cli_on_a_read_only_directory(patch_dir, sweep, which, figure):
   workdir = str(sweep / "run") if which == "run" else str(sweep)
   before = _snapshot(sweep)
-  out = _run_read_only(tmp_path_factory, patch_dir, sweep, "dssgd_jax.plot",
-                       workdir)
+  out = _run_read_only(patch_dir, sweep, "dssgd_jax.plot", workdir)
   _assert_one_error_line(out, os.path.join(workdir, figure))
   assert out.stdout == ""
   assert _snapshot(sweep) == before
@@ -230,15 +227,13 @@ def test_audit_write_result_raises_a_user_error_naming_the_file(sweep,
 
 
 @pytest.mark.slow(seconds=25)
-def test_audit_cli_prints_the_report_then_one_error_line(tmp_path_factory,
-                                                         patch_dir, sweep):
+def test_audit_cli_prints_the_report_then_one_error_line(patch_dir, sweep):
   workdir = str(sweep / "run")
   path = os.path.join(workdir, audit.AUDIT_FILE)
   header = f"Membership-inference audit of {workdir} "
   before = _snapshot(sweep)
 
-  out = _run_read_only(tmp_path_factory, patch_dir, sweep, "dssgd_jax.audit",
-                       workdir)
+  out = _run_read_only(patch_dir, sweep, "dssgd_jax.audit", workdir)
   _assert_one_error_line(out, path)
   assert out.stdout.startswith(header), out.stdout
   for attack in audit.ATTACKS:
@@ -248,8 +243,8 @@ def test_audit_cli_prints_the_report_then_one_error_line(tmp_path_factory,
 
   # stdout and stderr on one stream (`2>&1`): the whole report comes before
   # the error, which is the last line.
-  merged = _run_read_only(tmp_path_factory, patch_dir, sweep,
-                          "dssgd_jax.audit", workdir, merge=True)
+  merged = _run_read_only(patch_dir, sweep, "dssgd_jax.audit", workdir,
+                          merge=True)
   assert merged.returncode == 2
   assert "Traceback" not in merged.stdout
   lines = merged.stdout.splitlines()

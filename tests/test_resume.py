@@ -36,9 +36,8 @@ def cli():
   for k in (experiment.KILL_AFTER_EPOCH_ENV,
             experiment.KILL_IN_CHECKPOINT_ENV):
     e.pop(k, None)
-  server = ForkedCli("dssgd_jax.main", e)
-  yield server
-  server.close()
+  with ForkedCli("dssgd_jax.main", e) as server:
+    yield server
 
 
 def _main(workdir, cli, extra=(), **hooks):

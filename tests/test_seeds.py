@@ -117,18 +117,16 @@ def test_vary_partition_gives_each_seed_its_split(tmp_path):
 
 
 @pytest.mark.slow(seconds=85)
-def test_a_killed_seeded_run_resumes_to_the_same_result(tmp_path,
-                                                       tmp_path_factory):
+def test_a_killed_seeded_run_resumes_to_the_same_result(tmp_path):
   flags = [f"--{k}={v}" for k, v in TINY.items()] + [
       "--protocol=round_robin", "--num_seeds=3"]
   env = jit_env()
   env.pop(experiment.KILL_AFTER_EPOCH_ENV, None)
-  cli = ForkedCli("dssgd_jax.main", env)  # one process per command
+  with ForkedCli("dssgd_jax.main", env) as cli:  # one process per command
 
-  def main(workdir, extra_env=None):
-    return cli([f"--workdir={workdir}", *flags], cwd=REPO, env=extra_env)
+    def main(workdir, extra_env=None):
+      return cli([f"--workdir={workdir}", *flags], cwd=REPO, env=extra_env)
 
-  try:
     killed = main(tmp_path / "killed",
                   {experiment.KILL_AFTER_EPOCH_ENV: "1"})
     assert killed.returncode == experiment.KILLED_EXIT, killed.stderr
@@ -137,8 +135,6 @@ def test_a_killed_seeded_run_resumes_to_the_same_result(tmp_path,
     assert resumed.returncode == 0, resumed.stderr
     whole = main(tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr
-  finally:
-    cli.close()
   a, b = _metrics(tmp_path / "killed"), _metrics(tmp_path / "whole")
   assert len(a) == len(b) == 2
   for ra, rb in zip(a, b):
