@@ -426,7 +426,11 @@ def run(cfg: Config, dataset=None, parts=None, log=None) -> dict:
   """
   if log is None:
     def log(msg):
-      print(msg, file=sys.stderr, flush=True)
+      # One write per line: print() writes the text and the newline
+      # separately, and a Ctrl-C between the two would leave a half line
+      # that the error sentence then continues.
+      sys.stderr.write(f"{msg}\n")
+      sys.stderr.flush()
   if not cfg.workdir:
     raise ConfigError("--workdir is required: the directory where the run "
                       "writes its config, metrics and checkpoints.")
