@@ -4,10 +4,15 @@ A file is written to ``path.tmp``, flushed and fsynced, then renamed over
 ``path`` (``os.replace``), so a kill or a failed write at any moment leaves the
 previous file whole; a failure removes the temporary file and raises the
 caller's :class:`~dssgd_jax.errors.UserError` naming the path and the reason.
+
+:func:`interrupts_deferred` holds a Ctrl-C until a block of writes is done.
 """
 
+import contextlib
 import os
-from typing import Callable
+import signal
+import threading
+from typing import Callable, Iterator
 
 from dssgd_jax.errors import UserError
 
@@ -51,3 +56,50 @@ def write_text(path: str, text: str,
     with open(tmp, "w", newline="") as f:
       f.write(text)
   return atomic_write(path, write, error)
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+  """Holds SIGINT (Ctrl-C) until the block ends, then acts on it.
+
+  A run writes an epoch's metrics line, TensorBoard events and checkpoint in
+  such a block, so a Ctrl-C lands between epochs' writes, never inside one.
+  Without it, a KeyboardInterrupt raised inside tensorboardX's writer (whose
+  constructor starts a thread reading a queue) can leave that thread running
+  until the interpreter closes the queue under it, and its traceback reaches
+  the terminal after our one-line message.
+
+  The handler in place before the block runs once at its end if SIGINT
+  arrived during it (Python's default one raises ``KeyboardInterrupt``). Off
+  the main thread, or when the handler was not set from Python, this is a
+  plain block.
+
+  >>> import os, signal
+  >>> done = []
+  >>> try:
+  ...   with interrupts_deferred():
+  ...     os.kill(os.getpid(), signal.SIGINT)
+  ...     done.append("the block finished")
+  ... except KeyboardInterrupt:
+  ...   done.append("then the interrupt")
+  >>> done
+  ['the block finished', 'then the interrupt']
+  """
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  previous = signal.getsignal(signal.SIGINT)
+  if previous is None:  # set outside Python: cannot be restored
+    yield
+    return
+  received = []
+  signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  if received:
+    if callable(previous):
+      previous(signal.SIGINT, received[0])
+    elif previous == signal.SIG_DFL:
+      os.kill(os.getpid(), signal.SIGINT)

@@ -85,3 +85,42 @@ def test_cli_flagfile_and_override(tmp_path):
   rows = _metrics(tmp_path / "run")
   assert len(rows) == 2  # --epochs after the flagfile overrides it
   assert "participant accuracy" in out.stdout
+
+
+def test_ctrl_c_while_writing_events_waits_for_the_epochs_writes(
+    tmp_path, monkeypatch):
+  # SIGINT arriving inside tensorboardX's writer (its constructor has just
+  # started the thread that drains its queue) is held until the epoch's
+  # metrics line, events and checkpoint are written: the run stops with our
+  # Interrupted error at that checkpoint, and no writer thread is left
+  # running, to die with a traceback when the interpreter closes its queue.
+  import signal  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+  tensorboardx = pytest.importorskip("tensorboardX")
+  from tensorboardX import event_file_writer  # pylint: disable=g-import-not-at-top
+  from dssgd_jax.errors import Interrupted  # pylint: disable=g-import-not-at-top
+
+  opened = []
+
+  class InterruptedWriter(tensorboardx.SummaryWriter):
+
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      opened.append(self)
+      if len(opened) == 3:  # the session start, epoch 1, then epoch 2
+        os.kill(os.getpid(), signal.SIGINT)
+
+  monkeypatch.setattr(tensorboardx, "SummaryWriter", InterruptedWriter)
+  cfg = config_lib.validate(config_lib.Config(
+      workdir=str(tmp_path), **{**TINY, "epochs": 5}))
+  with pytest.raises(Interrupted) as e:
+    experiment.run(cfg)
+  assert "during epoch 2" in str(e.value), e.value
+  assert "is epoch 2" in str(e.value), e.value
+  assert [r["epoch"] for r in _metrics(tmp_path)] == [1, 2]
+  assert len(opened) == 3
+  assert not [t for t in threading.enumerate()
+              if isinstance(t, event_file_writer._EventLoggerThread)]  # pylint: disable=protected-access
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  with np.load(tmp_path / "checkpoint.npz") as z:
+    assert int(z["epoch"]) == 2

@@ -474,7 +474,9 @@ def run(cfg: Config, dataset=None, parts=None, log=None) -> dict:
         f"{jax.default_backend()} device(s)"
         + ("" if mesh is None else f" (participants split over {mesh.size})"))
   elapsed = rows[-1]["elapsed_s"] if rows else 0.0
-  tb = events_lib.open_writer(workdir, resume_epoch=start) if writer else None
+  with _io.interrupts_deferred():
+    tb = (events_lib.open_writer(workdir, resume_epoch=start) if writer
+          else None)
   epoch_times = []
   saved, running = start, start + 1
   try:
@@ -498,19 +500,21 @@ def run(cfg: Config, dataset=None, parts=None, log=None) -> dict:
       row = _metrics_row(exp, epoch, state, stats, time.time() - t0, elapsed)
       elapsed = row["elapsed_s"]
       rows.append(row)
-      if writer:
-        with _writing(metrics_path):
-          with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        if tb is not None:
-          tb.write(epoch, row)
-      if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
+      # A Ctrl-C during the epoch's writes acts when they are all done.
+      with _io.interrupts_deferred():
         if writer:
-          with _writing(ckpt_path):
-            save_checkpoint(ckpt_path, state, epoch, exp.train_key)
-        saved = epoch
+          with _writing(metrics_path):
+            with open(metrics_path, "a") as f:
+              f.write(json.dumps(row) + "\n")
+              f.flush()
+              os.fsync(f.fileno())
+          if tb is not None:
+            tb.write(epoch, row)
+        if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
+          if writer:
+            with _writing(ckpt_path):
+              save_checkpoint(ckpt_path, state, epoch, exp.train_key)
+          saved = epoch
       epoch_times.append(row["wall_time_s"])
       if cfg.progress:
         log(_progress_line(cfg, row, epoch_times))
