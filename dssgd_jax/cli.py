@@ -8,18 +8,36 @@ traceback.
 import contextlib
 import os
 import re
+import signal
 import sys
+import threading
 
 from absl import flags
 from absl import logging
 
-from dssgd_jax.errors import UserError
+from dssgd_jax.errors import Interrupted, UserError
 
 
 def fail(message: str, status: int = 2):
   """Prints ``message`` as one line to stderr and exits with ``status``."""
   print(f"error: {message}", file=sys.stderr, flush=True)
   sys.exit(status)
+
+
+def _interrupted(message: str):
+  """Prints ``message`` as one line and ends the process at once (status 130).
+
+  JAX compiles on a thread pool while the main thread waits, and Ctrl-C
+  interrupts the wait, not the compilation. A normal exit then tears the
+  runtime down under the compilation still running, which crashed the
+  process (SIGSEGV, "Fatal Python error") when Ctrl-C came during epoch 1's
+  compilation. ``os._exit`` skips that teardown. Nothing is lost: a run's
+  metrics lines are fsynced as written, its checkpoint and summaries are
+  replaced atomically, and its event files are closed after every epoch.
+  """
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(Interrupted.exit_status)  # pylint: disable=protected-access
 
 
 HELP_ARGS = ("--help", "-help", "-h", "--helpshort", "-?", "--helpfull")
@@ -101,11 +119,37 @@ def user_errors():
   an interrupt), and Ctrl-C anywhere else into one line and status 130."""
   try:
     yield
+  except Interrupted as e:
+    _interrupted(str(e))
   except UserError as e:
     fail(str(e), e.exit_status)
   except KeyboardInterrupt:
-    fail("Interrupted before the first epoch finished; rerun the same "
-         "command to start again.", 130)
+    _interrupted("Interrupted before the first epoch finished; rerun the "
+                 "same command to start again.")
+
+
+@contextlib.contextmanager
+def exit_on_interrupt(enabled: bool = True):
+  """Ctrl-C during the block ends the process at once: one line, status 130.
+
+  For an entry point's imports (``with cli.exit_on_interrupt(__name__ ==
+  "__main__"):`` around them): a ``KeyboardInterrupt`` raised inside another
+  library's import would print its traceback, and some imports catch it and
+  go on. Off the main thread, when the SIGINT handler was not set from
+  Python, or with ``enabled=False`` (the module imported as a library, e.g.
+  in a notebook), a plain block. The previous handler is back after it.
+  """
+  previous = signal.getsignal(signal.SIGINT)
+  if (not enabled or previous is None or
+      threading.current_thread() is not threading.main_thread()):
+    yield
+    return
+  signal.signal(signal.SIGINT, lambda signum, frame: _interrupted(
+      "Interrupted while starting; rerun the same command."))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
 
 
 def reject_positional(argv) -> None:

@@ -13,11 +13,13 @@ print one sentence and exit with status 2.
 
 import sys
 
-from absl import app
-from absl import flags
-
-from dssgd_jax.run import config as config_lib
 from dssgd_jax import cli
+
+with cli.exit_on_interrupt(__name__ == "__main__"):
+  from absl import app
+  from absl import flags
+
+  from dssgd_jax.run import config as config_lib
 
 config_lib.define_flags()
 config_lib.declare_key_flags()  # list them, by group, in --help
@@ -28,7 +30,8 @@ def main(argv):
   with cli.user_errors():
     cfg = config_lib.from_flags()
     cli.setup_devices(cfg)
-    from dssgd_jax.run import experiment  # pylint: disable=g-import-not-at-top
+    with cli.exit_on_interrupt():
+      from dssgd_jax.run import experiment  # pylint: disable=g-import-not-at-top
     summary = experiment.run(cfg)
   print(cli.summary_text(summary, cfg.workdir))
 
