@@ -114,11 +114,39 @@ def parse_flags(argv):
 
 
 @contextlib.contextmanager
+def interrupts_not_lost():
+  """Within the block, a Ctrl-C that Python would drop is delivered again.
+
+  A ``KeyboardInterrupt`` raised inside a callback that the interpreter calls
+  on its own (a garbage-collector callback, a weakref callback, ``__del__``)
+  cannot propagate: Python prints it ("Exception ignored in ...") through
+  ``sys.unraisablehook`` and goes on. JAX runs such a callback at every
+  collection, and a Ctrl-C landing in one was lost while the run went on.
+  Here the hook sends SIGINT again 50 ms later instead, so that it is raised
+  where the main thread runs ordinary code.
+  """
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if issubclass(unraisable.exc_type, KeyboardInterrupt):
+      threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+      return
+    previous(unraisable)
+
+  sys.unraisablehook = hook
+  try:
+    yield
+  finally:
+    sys.unraisablehook = previous
+
+
+@contextlib.contextmanager
 def user_errors():
   """Turns UserError into one line on stderr and its exit status (2; 130 for
   an interrupt), and Ctrl-C anywhere else into one line and status 130."""
   try:
-    yield
+    with interrupts_not_lost():
+      yield
   except Interrupted as e:
     _interrupted(str(e))
   except UserError as e:

@@ -362,3 +362,35 @@ def test_exit_on_interrupt_is_a_plain_block_when_disabled():
   with cli.exit_on_interrupt(True):
     assert signal.getsignal(signal.SIGINT) is not before
   assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_ctrl_c_inside_a_gc_callback_is_not_lost():
+  # JAX runs a callback at every garbage collection; a KeyboardInterrupt
+  # raised inside one is printed and dropped by Python, and the run went on.
+  # Under cli.user_errors the signal is delivered again after the callback.
+  import gc  # pylint: disable=g-import-not-at-top
+  import os as os_  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  from dssgd_jax import cli  # pylint: disable=g-import-not-at-top
+  fired = []
+
+  def callback(phase, info):
+    del info
+    if phase == "start" and not fired:
+      fired.append(time.time())
+      os_.kill(os_.getpid(), signal.SIGINT)
+      for _ in range(10 ** 5):  # the handler runs here, in the callback
+        pass
+
+  hook = sys.unraisablehook
+  with pytest.raises(KeyboardInterrupt):
+    with cli.interrupts_not_lost():
+      gc.callbacks.append(callback)
+      try:
+        gc.collect()
+        time.sleep(10)  # the signal comes again here
+      finally:
+        gc.callbacks.remove(callback)
+  assert fired and time.time() - fired[0] < 5
+  assert sys.unraisablehook is hook
