@@ -2,7 +2,8 @@
 
 Every entry point turns a :class:`~dssgd_jax.errors.UserError` (or an absl
 flag-parsing error) into one line on stderr and exit status 2, with no
-traceback.
+traceback, and Ctrl-C into one line and status 130 (:func:`user_errors`,
+:func:`exit_on_interrupt`).
 """
 
 import contextlib
