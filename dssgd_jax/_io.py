@@ -5,14 +5,15 @@ A file is written to ``path.tmp``, flushed and fsynced, then renamed over
 previous file whole; a failure removes the temporary file and raises the
 caller's :class:`~dssgd_jax.errors.UserError` naming the path and the reason.
 
-:func:`interrupts_deferred` holds a Ctrl-C until a block of writes is done.
+:func:`interrupts_deferred` holds a Ctrl-C until a block of writes is done;
+:func:`sigint_handler` swaps the Ctrl-C handler for a block.
 """
 
 import contextlib
 import os
 import signal
 import threading
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from dssgd_jax.errors import UserError
 
@@ -59,6 +60,28 @@ def write_text(path: str, text: str,
 
 
 @contextlib.contextmanager
+def sigint_handler(handler: Callable) -> Iterator[Any]:
+  """Makes ``handler`` the SIGINT (Ctrl-C) handler during the block.
+
+  Yields the handler it replaced, put back when the block ends; yields None
+  and changes nothing off the main thread (only it may set handlers) or when
+  the handler in place was not set from Python (it could not be put back).
+  """
+  if threading.current_thread() is not threading.main_thread():
+    yield None
+    return
+  previous = signal.getsignal(signal.SIGINT)
+  if previous is None:
+    yield None
+    return
+  signal.signal(signal.SIGINT, handler)
+  try:
+    yield previous
+  finally:
+    signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
 def interrupts_deferred() -> Iterator[None]:
   """Holds SIGINT (Ctrl-C) until the block ends, then acts on it.
 
@@ -85,19 +108,9 @@ def interrupts_deferred() -> Iterator[None]:
   >>> done
   ['the block finished', 'then the interrupt']
   """
-  if threading.current_thread() is not threading.main_thread():
-    yield
-    return
-  previous = signal.getsignal(signal.SIGINT)
-  if previous is None:  # set outside Python: cannot be restored
-    yield
-    return
   received = []
-  signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
-  try:
+  with sigint_handler(lambda signum, frame: received.append(frame)) as previous:
     yield
-  finally:
-    signal.signal(signal.SIGINT, previous)
   if received:
     if callable(previous):
       previous(signal.SIGINT, received[0])

@@ -16,6 +16,7 @@ import threading
 from absl import flags
 from absl import logging
 
+from dssgd_jax import _io
 from dssgd_jax.errors import Interrupted, UserError
 
 
@@ -168,17 +169,12 @@ def exit_on_interrupt(enabled: bool = True):
   Python, or with ``enabled=False`` (the module imported as a library, e.g.
   in a notebook), a plain block. The previous handler is back after it.
   """
-  previous = signal.getsignal(signal.SIGINT)
-  if (not enabled or previous is None or
-      threading.current_thread() is not threading.main_thread()):
+  if not enabled:
     yield
     return
-  signal.signal(signal.SIGINT, lambda signum, frame: _interrupted(
-      "Interrupted while starting; rerun the same command."))
-  try:
+  with _io.sigint_handler(lambda signum, frame: _interrupted(
+      "Interrupted while starting; rerun the same command.")):
     yield
-  finally:
-    signal.signal(signal.SIGINT, previous)
 
 
 def reject_positional(argv) -> None:
