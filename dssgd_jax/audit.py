@@ -69,12 +69,15 @@ import os
 import sys
 from typing import Callable, Sequence
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+from dssgd_jax import cli
 
-from dssgd_jax import _io
-from dssgd_jax.errors import UserError
+with cli.exit_on_interrupt(__name__ == "__main__"):  # Ctrl-C while starting
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from dssgd_jax import _io
+  from dssgd_jax.errors import UserError
 
 AUDIT_FILE = "audit.json"
 ATTACKS = ("loss", "margin", "calibrated")
@@ -698,7 +701,6 @@ def _define_flags():
 
 def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from dssgd_jax import cli  # pylint: disable=g-import-not-at-top
   if len(argv) != 2:
     cli.fail("Usage: python -m dssgd_jax.audit WORKDIR (the work directory of "
              "a finished run).")
@@ -720,6 +722,5 @@ def main(argv):
 
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
-  from dssgd_jax import cli as _cli  # pylint: disable=g-import-not-at-top
   _define_flags()
-  sys.exit(app.run(main, flags_parser=_cli.parse_flags))
+  sys.exit(app.run(main, flags_parser=cli.parse_flags))

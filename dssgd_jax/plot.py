@@ -31,13 +31,15 @@ import json
 import os
 import sys
 
-from absl import app
-from absl import flags
-import numpy as np
-
 from dssgd_jax import cli
-from dssgd_jax import _io
-from dssgd_jax.errors import UserError
+
+with cli.exit_on_interrupt(__name__ == "__main__"):  # Ctrl-C while starting
+  from absl import app
+  from absl import flags
+  import numpy as np
+
+  from dssgd_jax import _io
+  from dssgd_jax.errors import UserError
 
 METRICS = "metrics.jsonl"
 CONFIG = "config.json"

@@ -40,13 +40,15 @@ import math
 import os
 import sys
 
-from absl import app
-from absl import flags
-
 from dssgd_jax import cli
-from dssgd_jax import sweep
-from dssgd_jax.run import config as config_lib
-from dssgd_jax.errors import ConfigError
+
+with cli.exit_on_interrupt(__name__ == "__main__"):  # Ctrl-C while starting
+  from absl import app
+  from absl import flags
+
+  from dssgd_jax import sweep
+  from dssgd_jax.run import config as config_lib
+  from dssgd_jax.errors import ConfigError
 
 config_lib.define_flags()
 

@@ -56,14 +56,16 @@ import os
 import sys
 import time
 
-from absl import app
-from absl import flags
-
 from dssgd_jax import cli
-from dssgd_jax.run import config as config_lib
-from dssgd_jax import plot as plot_lib
-from dssgd_jax import sweep
-from dssgd_jax.errors import ConfigError
+
+with cli.exit_on_interrupt(__name__ == "__main__"):  # Ctrl-C while starting
+  from absl import app
+  from absl import flags
+
+  from dssgd_jax.run import config as config_lib
+  from dssgd_jax import plot as plot_lib
+  from dssgd_jax import sweep
+  from dssgd_jax.errors import ConfigError
 
 config_lib.define_flags()
 config_lib.declare_key_flags()  # list the run flags, by group, in --help

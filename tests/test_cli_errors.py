@@ -347,6 +347,36 @@ def test_ctrl_c_during_an_entry_points_imports_is_one_line_and_exit_130():
       "error: Interrupted while starting; rerun the same command."]
 
 
+# numpy: the first module each of these imports after dssgd_jax.cli.
+_SIGINT_AT_IMPORT = """
+import importlib.abc, os, runpy, signal, sys
+class SigintAt(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if name == "numpy" and "dssgd_jax.cli" in sys.modules:
+      sys.meta_path.remove(self)
+      os.kill(os.getpid(), signal.SIGINT)
+      for _ in range(10 ** 6):  # the handler runs between bytecodes
+        pass
+    return None
+sys.meta_path.insert(0, SigintAt())
+sys.argv = [sys.argv[1], "--help"]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+print("not reached")
+"""
+
+
+@pytest.mark.parametrize("entry", ["dssgd_jax.main", "dssgd_jax.audit",
+                                   "dssgd_jax.plot", "dssgd_jax.reproduce",
+                                   "dssgd_jax.privacy_table"])
+def test_ctrl_c_while_an_entry_point_imports_is_one_line_and_exit_130(entry):
+  out = subprocess.run([sys.executable, "-c", _SIGINT_AT_IMPORT, entry],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 130, (out.returncode, out.stderr[-2000:])
+  assert out.stdout == ""
+  assert out.stderr.strip().splitlines() == [
+      "error: Interrupted while starting; rerun the same command."]
+
+
 def test_exit_on_interrupt_is_a_plain_block_when_disabled():
   # Imported as a library (a notebook): Ctrl-C stays a KeyboardInterrupt,
   # and the previous handler is back after an enabled block.
