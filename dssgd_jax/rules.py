@@ -99,12 +99,17 @@ class UploadRule(NamedTuple):
   Attributes:
     apply: ``(upload, key) -> upload``; pure, jittable, vmappable, with a
       static output shape.
-    privacy: ``Privacy -> Privacy`` (pure Python, static).
+    privacy: ``Privacy -> Privacy`` (pure Python, static), or None when the
+      rule declares nothing: then nothing is claimed for a chain that holds
+      it (declarations fail closed, :data:`UNDECLARED`).
     name: how the rule prints, e.g. ``clip(0.01)``.
+    parts: the rules a :func:`chain` applies in order (empty for a single
+      rule); :func:`checked` checks each part's declaration.
   """
   apply: Callable[[Upload, jax.Array], Upload]
-  privacy: Callable[[Privacy], Privacy]
-  name: str
+  privacy: Callable[[Privacy], Privacy] | None = None
+  name: str = "rule"
+  parts: tuple = ()
 
   def __repr__(self) -> str:
     return self.name
@@ -127,10 +132,27 @@ def _post_processing(p: Privacy, **changes) -> Privacy:
   return dataclasses.replace(p, **changes)
 
 
-def _compose_privacy(fns):
+UNDECLARED = ("{name} declares no privacy property (its UploadRule has no "
+              "privacy function), so nothing is claimed for what it sends.")
+
+
+def declared_privacy(rule: UploadRule, p: Privacy) -> Privacy:
+  """``rule.privacy(p)``; for a rule that declares none, the fail-closed
+  answer: no event, no known bound, and the reason naming the rule."""
+  if rule.privacy is not None:
+    return rule.privacy(p)
+  if p.reason is not None:
+    return dataclasses.replace(p, event=None, linf=None, l2=None)
+  return dataclasses.replace(
+      p, event=None, linf=None, l2=None,
+      dependent=p.dependent or f"{rule.name} may choose its output from the data",
+      reason=UNDECLARED.format(name=rule.name))
+
+
+def _compose_privacy(rules):
   def privacy(p: Privacy) -> Privacy:
-    for fn in fns:
-      p = fn(p)
+    for rule in rules:
+      p = declared_privacy(rule, p)
     return p
   return privacy
 
@@ -148,8 +170,8 @@ def chain(*rules: UploadRule) -> UploadRule:
       upload = rule.apply(upload, jax.random.fold_in(key, k))
     return upload
 
-  return UploadRule(apply, _compose_privacy([r.privacy for r in rules]),
-                    f"chain({', '.join(r.name for r in rules)})")
+  return UploadRule(apply, _compose_privacy(rules),
+                    f"chain({', '.join(r.name for r in rules)})", rules)
 
 
 # ----------------------------------------------------------------------------
@@ -276,9 +298,7 @@ def clip(bound: float) -> UploadRule:
     return up._replace(values=jnp.where(
         up.mask, privacy_lib.clip(up.values, bound), 0.0))
 
-  def privacy(p):
-    if p.event is not None:
-      return p
+  def privacy(p):  # after a DP event, a bound is a fact, not a new event
     return dataclasses.replace(
         p, linf=bound if p.linf is None else min(p.linf, bound))
 
@@ -291,8 +311,6 @@ def l2_clip(bound: float) -> UploadRule:
     raise ValueError(f"l2_clip: bound must be > 0, got {bound}")
 
   def privacy(p):
-    if p.event is not None:
-      return p
     return dataclasses.replace(p, l2=bound if p.l2 is None else
                                min(p.l2, bound))
 
@@ -309,6 +327,9 @@ def _noise_rule(kind: str, scale: float, bound_of, make_event, needs: str):
     return privacy_lib.add_noise(up, kind, scale, key)
 
   def privacy(p):
+    before = p
+    if scale > 0:  # the noisy values are no longer bounded
+      p = dataclasses.replace(p, linf=None, l2=None)
     if p.event is not None or p.reason is not None:
       return p
     if p.slots == 0:
@@ -317,7 +338,7 @@ def _noise_rule(kind: str, scale: float, bound_of, make_event, needs: str):
       return dataclasses.replace(p, reason=(
           f"{p.dependent} and sends them without noise: the noise on the "
           "values does not hide them."))
-    bound = bound_of(p)
+    bound = bound_of(before)
     if bound is None:
       return dataclasses.replace(p, reason=(
           f"{name} adds noise to unbounded values: put {needs} before it."))
@@ -444,3 +465,94 @@ def claim(rule: UploadRule | None, num_params: int, epochs: int,
     return Claim(None, 0.0, p.reason or NO_NOISE)
   eps, used_delta = accounting.compose(p.event, int(epochs), delta)
   return Claim(eps, used_delta, None, p.event)
+
+
+# ----------------------------------------------------------------------------
+# Checked mode: each rule's declaration verified on its actual outputs.
+
+
+class DeclarationError(ValueError):
+  """A rule's output breaks what its ``privacy`` declares (checked mode)."""
+
+
+def _check_declared(up: Upload, p: Privacy, name: str, tolerance: float):
+  """Checks, at run time, that ``up`` (the output of rule ``name``) holds
+  what ``p`` (its declared :class:`Privacy`) says."""
+  from jax.experimental import checkify  # pylint: disable=g-import-not-at-top
+  slots = up.values.shape[-1]
+  if slots != p.slots:  # shapes are static: a declaration error at trace time
+    raise DeclarationError(f"{name} declares {p.slots} slots but its output "
+                           f"has {slots}.")
+  values = jnp.where(up.mask, up.values, 0.0)
+  if p.linf is not None and slots:
+    worst = jnp.max(jnp.abs(values))
+    checkify.check(worst <= p.linf * (1 + tolerance),
+                   f"{name} declares every value in [-{p.linf:g}, {p.linf:g}]"
+                   " but sent one of magnitude {worst}", worst=worst)
+  if p.l2 is not None and slots:
+    norm = jnp.sqrt(jnp.sum(jnp.square(values)))
+    checkify.check(norm <= p.l2 * (1 + tolerance),
+                   f"{name} declares an L2 norm of at most {p.l2:g} but sent "
+                   "values of norm {norm}", norm=norm)
+
+
+def _apply_checked(rule: UploadRule, up: Upload, key, p: Privacy,
+                   tolerance: float):
+  if rule.parts:  # a chain: part k gets fold_in(key, k), as chain() does
+    for k, part in enumerate(rule.parts):
+      up, p = _apply_checked(part, up, jax.random.fold_in(key, k), p,
+                             tolerance)
+    return up, p
+  up = rule.apply(up, key)
+  p = declared_privacy(rule, p)
+  _check_declared(up, p, rule.name, tolerance)
+  return up, p
+
+
+def checked(rule: UploadRule, tolerance: float = 1e-5) -> UploadRule:
+  """``rule`` that verifies each part's declaration on its actual output.
+
+  After every rule of a chain (recursively), the output's slot count must
+  equal the declared ``slots`` (checked when the function is traced), and
+  its valid values must lie within the declared L∞ bound and L2 norm (up to
+  a relative ``tolerance`` for float rounding), checked at run time with
+  ``jax.experimental.checkify``. The checked rule computes exactly what
+  ``rule`` computes. Run it under :func:`with_checks` (or
+  ``checkify.checkify``) so that a failed check raises; for tests and
+  notebooks (it costs a reduction per rule).
+
+  >>> import jax.numpy as jnp
+  >>> times_100 = UploadRule(
+  ...     lambda up, key: up._replace(values=100 * up.values),
+  ...     lambda p: p, "times_100")  # declares: changes nothing (wrong)
+  >>> rule = checked(chain(select_random(2), clip(0.1), times_100))
+  >>> with_checks(rule.apply)(dense(jnp.ones(4)), jax.random.key(0))
+  Traceback (most recent call last):
+  ...
+  dssgd_jax.rules.DeclarationError: times_100 declares every value in [-0.1, 0.1] but sent one of magnitude 10.0.
+  """
+  def apply(up, key):
+    out, _ = _apply_checked(rule, up, key, Privacy(slots=up.values.shape[-1]),
+                            tolerance)
+    return out
+
+  return UploadRule(apply, rule.privacy, rule.name, rule.parts)
+
+
+def with_checks(fn: Callable, jit: bool = True) -> Callable:
+  """``fn`` run under ``checkify``: a failed check of a :func:`checked`
+  rule anywhere inside it (also under ``vmap``, ``scan``, ``lax.map``)
+  raises :class:`DeclarationError` naming the rule."""
+  from jax.experimental import checkify  # pylint: disable=g-import-not-at-top
+  fn_checked = checkify.checkify(fn)
+  if jit:
+    fn_checked = jax.jit(fn_checked)
+
+  def run(*args, **kwargs):
+    err, out = fn_checked(*args, **kwargs)
+    message = err.get()
+    if message is not None:
+      raise DeclarationError(message.split(" (`check` failed")[0] + ".")
+    return out
+
+  return run
