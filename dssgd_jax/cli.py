@@ -214,13 +214,16 @@ def summary_text(summary: dict, workdir: str | None = None) -> str:
   def f(x):
     return "n/a" if x is None else f"{x:.4f}"
   eps = summary.get("epsilon_spent")
+  delta = summary.get("delta_spent")
+  eps_text = "n/a" if eps is None else f"{eps:.4g}" + (
+      f" (delta {delta:.3g})" if delta else "")
   return (f"{summary['algorithm']}: {summary['epochs']} epochs, participant "
           f"accuracy {f(summary['final_participant_accuracy_mean'])} (min "
           f"{f(summary['final_participant_accuracy_min'])}, max "
           f"{f(summary['final_participant_accuracy_max'])}), server "
           f"{f(summary['final_server_accuracy'])}, best mean "
           f"{f(summary['best_participant_accuracy_mean'])}, epsilon "
-          f"{'n/a' if eps is None else f'{eps:.4g}'}, "
+          f"{eps_text}, "
           f"{summary['elapsed_s']:.1f}s" + ("" if workdir is None else (
               f"\nFiles in {workdir}: metrics.jsonl (one line per epoch), "
               "summary.json, accuracy.png, accuracy_vs_bytes.png, "

@@ -47,16 +47,21 @@ _ASYNC_SALT = 0x5A1E
 class EpochStats(NamedTuple):
   """Per-participant diagnostics of one epoch (arrays of shape (P,)).
 
+  A transfer lost on the way counts for nothing, in both directions: the
+  entries (and bytes) are those that arrived.
+
   Attributes:
     loss: mean local training loss.
-    uploaded: entries the participant sent.
-    downloaded: entries it received.
+    uploaded: entries of its upload that reached the server (0 when lost).
+    downloaded: entries it received (0 when its download was lost).
     upload_lost: True where its upload did not reach the server.
+    download_lost: True where its download did not reach it.
   """
   loss: jax.Array
   uploaded: jax.Array
   downloaded: jax.Array
   upload_lost: jax.Array
+  download_lost: jax.Array | None = None
 
 
 class Protocol(NamedTuple):
@@ -208,8 +213,11 @@ def _weigh(uploads: Upload, weights: jax.Array | None, lost: jax.Array
   return uploads._replace(values=uploads.values * w[:, None])
 
 
-def _stats(losses, uploads, masks, up_lost):
-  return EpochStats(losses, uploads.count, jnp.sum(masks, axis=-1), up_lost)
+def _stats(losses, uploads, masks, up_lost, dl_lost):
+  """Delivered entries only (a lost transfer counts 0): ``masks`` already
+  exclude lost downloads."""
+  return EpochStats(losses, jnp.where(up_lost, 0, uploads.count),
+                    jnp.sum(masks, axis=-1), up_lost, dl_lost)
 
 
 def _end(server, stat_decay, decay_every):
@@ -256,7 +264,7 @@ def parallel(update: Callable, download: server_lib.DownloadRule, *,
     server = _end(server_lib.apply_uploads(server, received), stat_decay,
                   decay_every)
     return ({"server": server, "local": new_local},
-            _stats(losses, uploads, masks, up_lost))
+            _stats(losses, uploads, masks, up_lost, dl_lost))
 
   return Protocol(_plain_init, epoch, "parallel")
 
@@ -289,7 +297,8 @@ def round_robin(update: Callable, download: server_lib.DownloadRule, *,
                        dl_lost))
     server = _end(server, stat_decay, decay_every)
     return ({"server": server, "local": new_local},
-            EpochStats(losses, up, down, up_lost))
+            EpochStats(losses, jnp.where(up_lost, 0, up), down, up_lost,
+                       dl_lost))
 
   return Protocol(_plain_init, epoch, "round_robin")
 
@@ -377,7 +386,7 @@ def asynchronous(update: Callable, download: server_lib.DownloadRule, *,
     ring = {"params": jnp.concatenate([server.params[None], ring_params[:-1]]),
             "stat": jnp.concatenate([server.stat[None], ring_stat[:-1]])}
     return ({"server": server, "local": new_local, "ring": ring},
-            _stats(losses, uploads, masks, up_lost))
+            _stats(losses, uploads, masks, up_lost, dl_lost))
 
   return Protocol(init, epoch, "async")
 

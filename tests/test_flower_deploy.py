@@ -123,7 +123,10 @@ class Cluster:
     return ["participant", f"--superlink={self.address}", f"--ca={self.ca}",
             f"--key={key}", f"--partition_id={i}",
             f"--state_dir={self.root}/p{i}", f"--seed={SEED}",
-            f"--port={_free_port()}", f"--flwr_home={self.root}/h{i}"]
+            f"--port={_free_port()}", f"--flwr_home={self.root}/h{i}",
+            # Runs without noise, compared with the simulation's metrics:
+            # these participants opt out of the protective defaults.
+            "--allow_no_guarantee", "--report_metrics"]
 
   def run(self, workdir, extra, reply_timeout=REPLY_TIMEOUT,
           background=False):

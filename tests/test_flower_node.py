@@ -17,6 +17,7 @@ import pytest
 
 pytest.importorskip("flwr")
 
+from dssgd_jax import rules  # pylint: disable=g-import-not-at-top
 from dssgd_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
 from dssgd_jax.flower import coordinator  # pylint: disable=g-import-not-at-top
 from dssgd_jax.flower import node  # pylint: disable=g-import-not-at-top
@@ -60,7 +61,7 @@ def test_deployed_pieces_equal_the_simulation(tmp_path, protocol, theta_d):
       exp.train_key)
   co = coordinator.Coordinator(cfg)
   np.testing.assert_array_equal(co.initial, exp.init_state["server"].params)
-  parts = [node.Participant(cfg, i, str(tmp_path / f"p{i}"), seed=cfg.seed)
+  parts = [_participant(cfg, i, tmp_path / f"p{i}", seed=cfg.seed)
            for i in range(3)]
   _drive(co, parts, cfg, 2)
   np.testing.assert_allclose(co.state.params, state["server"].params,
@@ -78,36 +79,138 @@ def test_deployed_pieces_equal_the_simulation(tmp_path, protocol, theta_d):
                 if n.endswith(".npy")) == ["local_1.npy", "local_2.npy"]
 
 
-def test_ledger_and_retry(tmp_path):
+OPEN = node.Policy(require_guarantee=False, report_metrics=True,
+                   epsilon_budget=1e9, delta_budget=1.0)
+
+
+def _participant(cfg, i, path, policy=OPEN, **kw):
+  return node.Participant(cfg, i, str(path), policy=policy, **kw)
+
+
+def test_ledger_charges_every_run_of_the_mechanism(tmp_path):
   cfg = config_lib.validate(config_lib.Config(
       **TINY, noise="laplace", noise_scale=0.5, clip_bound=0.01,
-      workdir=str(tmp_path / "w")))
+      selection="random", workdir=str(tmp_path / "w")))
   co = coordinator.Coordinator(cfg)
-  p = node.Participant(cfg, 1, str(tmp_path / "p1"))  # its own secret seed
+  d = co.num_params
+  p = _participant(cfg, 1, tmp_path / "p1",
+                   policy=node.Policy(epsilon_budget=1e9, delta_budget=1))
   seed = json.loads((tmp_path / "p1" / node.SEED_FILE).read_text())["seed"]
-  assert node.Participant(cfg, 1, str(tmp_path / "p1")).seed == seed
+  assert _participant(cfg, 1, tmp_path / "p1").seed == seed  # kept secret
   idx, val = co.download_for(1, co.download_keys(1)[1])
   first = p.train(1, idx, val, init=co.initial)
-  again = p.train(1, idx, val, init=co.initial)  # a retried epoch
+  again = p.train(1, idx, val, init=co.initial)  # retried, same download
   np.testing.assert_array_equal(first["values"], again["values"])
+  assert [l["charged"] for l in p.ledger()] == [True, False]
+  # A retry with another download is a new release: fresh noise, charged.
+  other = p.train(1, idx, val + 1.0, init=co.initial)
+  assert not np.array_equal(other["values"], first["values"])
   second = p.train(2, idx, val)
   ledger = p.ledger()
-  assert [l["epoch"] for l in ledger] == [1, 2]
-  d = co.num_params
-  assert second["epsilon"] == pytest.approx(
-      build.claim(cfg, d, 2).epsilon)
-  assert ledger[0]["epsilon"] == pytest.approx(build.claim(cfg, d, 1).epsilon)
+  assert [(l["epoch"], l["attempt"], l["charged"]) for l in ledger] == [
+      (1, 0, True), (1, 0, False), (1, 1, True), (2, 0, True)]
+  for line in ledger:
+    assert line["run_epsilon"] == pytest.approx(build.claim(
+        cfg, d, line["run_mechanism_runs"]).epsilon)
+  assert second["epsilon"] == pytest.approx(build.claim(cfg, d, 3).epsilon)
   # The Laplace noise is the participant's own: another seed, other values.
-  other = node.Participant(cfg, 1, str(tmp_path / "p1b"), seed=seed + 1)
+  other = _participant(cfg, 1, tmp_path / "p1b", seed=seed + 1)
   assert not np.array_equal(
       other.train(1, idx, val, init=co.initial)["values"], first["values"])
   with pytest.raises(ConfigError, match="holds no model"):
-    node.Participant(cfg, 2, str(tmp_path / "p2")).train(3, idx, val)
+    _participant(cfg, 2, tmp_path / "p2").train(3, idx, val)
   # A participant that missed epoch 3 resumes at epoch 4 from its model
   # after epoch 2 (the server sends every participant's download anyway).
   resumed = p.train(4, idx, val)
   assert p.latest_model(5) == 4 and p.latest_model(4) == 2
   assert resumed["values"].shape == first["values"].shape
+
+
+def test_an_svt_epoch_that_releases_nothing_is_charged(tmp_path):
+  # τ far above any |Δw|: the SVT releases nothing, yet it looked at the
+  # data every epoch. The ledger equals rules.claim for the epochs that ran.
+  cfg = config_lib.validate(config_lib.Config(
+      **TINY, noise="svt", epsilon=1000.0, clip_bound=0.01, threshold=1e6,
+      workdir=str(tmp_path / "w")))
+  co = coordinator.Coordinator(cfg)
+  p = _participant(cfg, 0, tmp_path / "p0",
+                   policy=node.Policy(epsilon_budget=1e4))
+  rule = build.upload_rule(cfg, co.num_params)
+  for e in (1, 2, 3):
+    idx, val = co.download_for(0, co.download_keys(e)[0])
+    out = p.visit(e, idx, val, init=co.initial)
+    assert out.indices.size == 0 and out.charged
+    assert out.epsilon == pytest.approx(1000.0 * e)
+    assert out.epsilon == rules.claim(rule, co.num_params, e).epsilon
+  assert [l["run_epsilon"] for l in p.ledger()] == [1000.0, 2000.0, 3000.0]
+  assert p.spent()[0] == 3000.0
+
+
+def test_policy_refusals(tmp_path):
+  base = dict(TINY, workdir=str(tmp_path / "w"))
+  noiseless = config_lib.validate(config_lib.Config(**base))
+  co = coordinator.Coordinator(noiseless)
+  idx, val = co.download_for(0, co.download_keys(1)[0])
+  p = node.Participant(noiseless, 0, str(tmp_path / "a"))  # default policy
+  lines = []
+  out = p.visit(1, idx, val, init=co.initial, log=lines.append)
+  assert out.refused and "gives no differential-privacy guarantee" in (
+      out.refused) and out.indices is None
+  assert lines == [out.refused]
+  assert not os.path.exists(tmp_path / "a" / "local_1.npy")  # never trained
+  assert p.ledger()[0]["refused"] == out.refused
+  assert not p.ledger()[0]["charged"]
+  # A budget: ε = 4 per epoch (SVT), budget 10: epochs 1-2 run, 3 refused.
+  svt = config_lib.validate(config_lib.Config(
+      **base, noise="svt", epsilon=4.0, clip_bound=0.01, threshold=0.001))
+  q = node.Participant(svt, 0, str(tmp_path / "b"))
+  got = [q.visit(e, idx, val, init=co.initial) for e in (1, 2, 3)]
+  assert [v.refused is None for v in got] == [True, True, False]
+  assert "over its budget of ε = 10" in got[2].refused
+  assert q.spent()[0] == 8.0
+  # The budget is the machine's: another run on the same ledger has 2 left.
+  other = config_lib.validate(svt.replace(seed=9))
+  r = node.Participant(other, 0, str(tmp_path / "c"),
+                       ledger_path=q.ledger_path, run_id="other")
+  assert r.visit(1, idx, val, init=co.initial).refused
+  small = config_lib.validate(svt.replace(seed=9, epsilon=2.0))
+  s = node.Participant(small, 0, str(tmp_path / "d"),
+                       ledger_path=q.ledger_path, run_id="small")
+  assert s.visit(1, idx, val, init=co.initial).refused is None
+  assert s.spent()[0] == 10.0
+
+
+def test_default_reply_carries_only_upload_and_protocol_fields(tmp_path):
+  from flwr.app import Context, Message, RecordDict  # pylint: disable=g-import-not-at-top
+  from flwr.supercore.task_identity import TaskIdentity  # pylint: disable=g-import-not-at-top
+  from dssgd_jax.flower import client_app, wire  # pylint: disable=g-import-not-at-top
+  TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 2, 3
+  state = tmp_path / "node"
+  context = Context(run_id=1, node_id=2, node_config={
+      "partition-id": 1, "state-dir": str(state)}, state=RecordDict(),
+                    run_config={})
+  for over, want in [
+      (dict(noise="svt", epsilon=1.0, clip_bound=0.01, threshold=0.001),
+       {wire.METRICS: {"partition_id", "epoch"},
+        wire.UPLOAD: {"indices", "values"}}),
+      (dict(), {wire.METRICS: {"partition_id", "epoch"},
+                wire.CONFIG: {"refused"}}),  # no guarantee: refused
+  ]:
+    cfg = config_lib.validate(config_lib.Config(
+        **TINY, workdir=str(tmp_path / "w"), **over))
+    co = coordinator.Coordinator(cfg)
+    idx, val = co.download_for(1, co.download_keys(1)[1])
+    msg = Message(RecordDict({
+        wire.CONFIG: wire.config(epoch=1, run=cfg.to_json(), evaluate=1),
+        wire.DOWNLOAD: wire.arrays(indices=idx, values=val),
+        wire.INIT: wire.arrays(values=co.initial)}), 2, wire.TRAIN)
+    reply = client_app.train(msg, context).content
+    got = {name: set(record.keys()) for name, record in reply.items()}
+    assert got == want, got
+  # The machine's ledger holds both visits.
+  ledger = [json.loads(l) for l in (state / node.LEDGER).read_text()
+            .splitlines()]
+  assert [bool(l.get("refused")) for l in ledger] == [False, True]
 
 
 def test_own_data_dir(tmp_path):
@@ -120,9 +223,8 @@ def test_own_data_dir(tmp_path):
   np.savez(tmp_path / "data.npz", train_images=raw.train_images[parts[2]],
            train_labels=raw.train_labels[parts[2]],
            test_images=raw.test_images, test_labels=raw.test_labels)
-  own = node.Participant(cfg, 2, str(tmp_path / "a"), data_dir=str(tmp_path),
-                         seed=5)
-  bundled = node.Participant(cfg, 2, str(tmp_path / "b"), seed=5)
+  own = _participant(cfg, 2, tmp_path / "a", data_dir=str(tmp_path), seed=5)
+  bundled = _participant(cfg, 2, tmp_path / "b", seed=5)
   np.testing.assert_array_equal(own.labels, bundled.labels)
   co = coordinator.Coordinator(cfg)
   idx, val = co.download_for(2, co.download_keys(1)[2])
@@ -131,4 +233,4 @@ def test_own_data_dir(tmp_path):
   np.testing.assert_allclose(a["values"], b["values"], rtol=1e-6)
   os.remove(tmp_path / "data.npz")
   with pytest.raises(ConfigError, match="data.npz"):
-    node.Participant(cfg, 2, str(tmp_path / "c"), data_dir=str(tmp_path))
+    _participant(cfg, 2, tmp_path / "c", data_dir=str(tmp_path))

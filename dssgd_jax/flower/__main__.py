@@ -175,6 +175,14 @@ def participant_command(args) -> list[str]:
     node.append(f"data-dir={json.dumps(os.path.abspath(args.data_dir))}")
   if args.seed is not None:
     node.append(f"seed={int(args.seed)}")
+  if not args.epsilon_budget > 0 or not 0 < args.delta_budget < 1:
+    raise UsageError(f"--epsilon_budget={args.epsilon_budget} must be "
+                     f"positive and --delta_budget={args.delta_budget} in "
+                     "(0, 1).")
+  node += [f"require-guarantee={'false' if args.allow_no_guarantee else 'true'}",
+           f"epsilon-budget={float(args.epsilon_budget)!r}",
+           f"delta-budget={float(args.delta_budget)!r}",
+           f"report-metrics={'true' if args.report_metrics else 'false'}"]
   cmd = ["flower-supernode", "--superlink", args.superlink,
          "--node-config", " ".join(node), "--port", str(args.port)]
   if args.insecure:
@@ -302,6 +310,19 @@ def main(argv=None) -> int:
       c.add_argument("--seed", type=int)
       c.add_argument("--port", type=int, default=9094,
                      help="local port of this SuperNode's app API")
+      c.add_argument("--allow_no_guarantee", action="store_true",
+                     help="accept upload rules without a differential-"
+                     "privacy guarantee (by default such epochs are "
+                     "refused)")
+      c.add_argument("--epsilon_budget", type=float, default=10.0,
+                     help="refuse any epoch that would bring this machine's "
+                     "total ε, over every run, above this")
+      c.add_argument("--delta_budget", type=float, default=1e-5,
+                     help="the same for the total δ")
+      c.add_argument("--report_metrics", action="store_true",
+                     help="send the training loss and the own model's test "
+                     "accuracy to the server (no ε covers them; by default "
+                     "they stay here)")
 
   args = p.parse_args(argv)
   try:

@@ -11,10 +11,18 @@ state-dir='/var/lib/dssgd/p0'"``, docs/deployment.md). Node config:
   :func:`.node.load_data_dir`); without it the run's dataset is partitioned
   as the simulation does and part i is kept (tests and demos);
 * ``seed`` (int): its PRNG seed (tests pass the run's ``--seed`` to compare
-  with the simulation); by default a random one kept in ``state-dir``.
+  with the simulation); by default a random one kept in ``state-dir``;
+* ``require-guarantee`` (bool, default true), ``epsilon-budget`` (default
+  10), ``delta-budget`` (default 1e-5), ``report-metrics`` (bool, default
+  false): the participant's :class:`.node.Policy`, what it accepts to
+  release (set by ``python -m dssgd_jax.flower participant``, never by the
+  server).
 
 The run's configuration comes from the server with every message; the
-participant checks it (``config.validate``) before it trains.
+participant checks it (``config.validate``) and its policy before it trains.
+A reply carries only what :class:`.node.Visit` lets out: the upload's
+(index, value) pairs with the partition id and the epoch, or a refusal; the
+loss and accuracy only when the policy reports them.
 """
 
 import json
@@ -69,12 +77,26 @@ def _participant(message: Message, context: Context):
     cfg = config_lib.validate(config_lib.Config.from_dict(
         json.loads(run_json)))
     seed = node.get("seed")
+    policy = policy_of(node)
     _PARTICIPANTS.clear()
     _PARTICIPANTS[key] = node_lib.Participant(
         cfg, int(node["partition-id"]), run_state_dir(state_dir, cfg),
         data_dir=node.get("data-dir") or None,
-        seed=None if seed is None else int(seed))
+        seed=None if seed is None else int(seed), policy=policy,
+        ledger_path=os.path.join(state_dir, node_lib.LEDGER))
   return _PARTICIPANTS[key]
+
+
+def policy_of(node: dict):
+  """The :class:`.node.Policy` in a SuperNode's node config."""
+  from dssgd_jax.flower import node as node_lib  # pylint: disable=g-import-not-at-top
+  default = node_lib.Policy()
+  return node_lib.Policy(
+      require_guarantee=bool(node.get("require-guarantee",
+                                      default.require_guarantee)),
+      epsilon_budget=float(node.get("epsilon-budget", default.epsilon_budget)),
+      delta_budget=float(node.get("delta-budget", default.delta_budget)),
+      report_metrics=bool(node.get("report-metrics", default.report_metrics)))
 
 
 @app.query()
@@ -85,29 +107,38 @@ def hello(message: Message, context: Context) -> Message:
       partition_id=int(node["partition-id"]))}), reply_to=message)
 
 
+def reply_content(visit) -> RecordDict:
+  """The reply to a train message: exactly what :class:`.node.Visit` lets
+  out (upload and protocol fields; loss and accuracy only when reported)."""
+  content = RecordDict({wire.METRICS: wire.metrics(
+      partition_id=visit.partition_id, epoch=visit.epoch, loss=visit.loss,
+      accuracy=visit.accuracy)})
+  if visit.refused:
+    content[wire.CONFIG] = wire.config(refused=visit.refused)
+  else:
+    content[wire.UPLOAD] = wire.arrays(indices=visit.indices,
+                                       values=visit.values)
+  return content
+
+
 @app.train()
 def train(message: Message, context: Context) -> Message:
-  """Download, one local epoch, upload (:meth:`.node.Participant.train`).
+  """Policy check, download, one local epoch, upload
+  (:meth:`.node.Participant.visit`).
 
-  When the config carries ``evaluate=1`` (an evaluation epoch), the
-  participant also reports the test accuracy of the model it just trained
-  (:meth:`.node.Participant.evaluate`): its model does not change again
-  before the epoch ends, so this is the accuracy the simulation reports,
-  without a second message.
+  When the config carries ``evaluate=1`` (an evaluation epoch) and the
+  participant's policy reports metrics, it also reports the test accuracy of
+  the model it just trained: its model does not change again before the
+  epoch ends, so this is the accuracy the simulation reports, without a
+  second message.
   """
   p = _participant(message, context)
   conf = message.content[wire.CONFIG]
   down = message.content[wire.DOWNLOAD]
   init = (message.content[wire.INIT] if wire.INIT in message.content.
           array_records else None)
-  epoch = int(conf["epoch"])
-  out = p.train(epoch, wire.get(down, "indices"), wire.get(down, "values"),
-                None if init is None else wire.get(init, "values"))
-  accuracy = p.evaluate(epoch) if int(conf.get("evaluate", 0)) else None
-  return Message(RecordDict({
-      wire.UPLOAD: wire.arrays(indices=out["indices"], values=out["values"]),
-      wire.METRICS: wire.metrics(
-          partition_id=p.index, loss=out["loss"],
-          downloaded=out["downloaded"], epsilon=out["epsilon"],
-          accuracy=accuracy),
-  }), reply_to=message)
+  visit = p.visit(int(conf["epoch"]), wire.get(down, "indices"),
+                  wire.get(down, "values"),
+                  None if init is None else wire.get(init, "values"),
+                  evaluate=bool(int(conf.get("evaluate", 0))))
+  return Message(reply_content(visit), reply_to=message)

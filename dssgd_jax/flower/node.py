@@ -1,4 +1,4 @@
-"""One participant on its own machine: data, local model, upload rule, ledger.
+"""One participant on its own machine: data, model, upload rule, policy, ledger.
 
 :class:`Participant` is what a Flower ``ClientApp`` (:mod:`.client_app`) runs
 for each message, with no Flower in it, so that it is tested directly. It runs
@@ -7,21 +7,43 @@ exactly the simulation's pieces: the jitted update of
 the upload rule: selection, bounding, noise or the SVT) built by the run
 layer from the run's config, on the participant's own data.
 
+**The participant decides what leaves its machine** (:class:`Policy`, set
+when its node starts, never by the server): whether it accepts an upload rule
+without a differential-privacy guarantee (by default it does not), the total
+ε and δ it will spend over every run on this machine, and whether it reports
+its training loss and its own model's accuracy (by default it does not). An
+epoch whose rule or cost would break the policy is refused: nothing is
+computed on the data, one line goes to the participant's log and ledger, and
+the reply carries only the refusal.
+
 What stays on the machine: the data, the local model (one ``.npy`` per epoch
-in ``state_dir``, the last two kept, written atomically), the PRNG seed and
-the ε ledger (``ledger.jsonl``: one line per epoch the participant uploaded
-in, with the ε its upload rule has spent so far). What leaves it: the upload's
-(index, value) pairs, the training loss, the accuracy of its own model.
+in the run's state dir, the last two kept, written atomically), the last
+uploads (to resend an identical retry), the PRNG seed and the ε ledger.
+What leaves it (:meth:`Participant.visit`): the upload's (index, value)
+pairs, its partition id and the epoch, or a refusal; the loss and accuracy
+only when the policy allows.
+
+**The ledger** (``ledger.jsonl`` in the node's state dir, one per machine,
+shared by every run) has one line per epoch the participant was asked for:
+each time the upload rule ran on the data it is charged, whatever the rule
+released (an SVT that releases nothing still looked at the data), and the
+run's ε is ``rules.claim`` of its rule for the number of times it ran. A
+retried epoch with the same download resends the stored upload (the same
+release: not charged again); a retry with a different download runs the
+mechanism again with fresh randomness and is charged. The totals over runs
+add up (basic composition across runs).
 
 Keys: participant ``i``'s key for epoch ``e`` is the simulation's, derived
 from the participant's ``seed``: ``fold_in(fold_in(train_key, e), i)`` with
 ``train_key = split(key(seed))[1]``, so that with the run's ``--seed`` a
 deployed participant draws the same numbers as the simulated one (how the
-tests compare them). A real participant keeps its seed secret (by default a
-random one, stored in ``state_dir``): the noise of its uploads must be
-unknown to the server.
+tests compare them); a charged retry folds in its attempt number. A real
+participant keeps its seed secret (by default a random one, stored in
+``state_dir``): the noise of its uploads must be unknown to the server.
 """
 
+import dataclasses
+import hashlib
 import json
 import os
 import secrets
@@ -45,6 +67,60 @@ from dssgd_jax.run.config import Config
 
 SEED_FILE = "seed.json"
 LEDGER = "ledger.jsonl"
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+  """What a participant accepts to release (set on its own machine).
+
+  Attributes:
+    require_guarantee: refuse an epoch whose upload rule gives no
+      differential-privacy guarantee (``rules.claim`` says why).
+    epsilon_budget: refuse an epoch that would bring the total ε over every
+      run on this machine above this.
+    delta_budget: likewise for the total δ.
+    report_metrics: send the training loss and the own model's test accuracy
+      (data-dependent numbers that no ε covers).
+  """
+  require_guarantee: bool = True
+  epsilon_budget: float = 10.0
+  delta_budget: float = 1e-5
+  report_metrics: bool = False
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+  @classmethod
+  def from_json(cls, text: str) -> "Policy":
+    return cls(**json.loads(text))
+
+
+@dataclasses.dataclass
+class Visit:
+  """What leaves the participant for one train message.
+
+  Attributes:
+    epoch: the epoch.
+    refused: the one-sentence reason of a refusal, or None.
+    indices, values: the upload's valid entries (None when refused).
+    loss, accuracy: only with ``Policy.report_metrics`` (else None).
+    downloaded: entries received (kept on the machine, for tests).
+    epsilon, delta: this run's ε and δ so far on the ledger (kept on the
+      machine).
+    charged: whether the upload rule ran on the data for this message.
+    partition_id: the participant's position (a protocol field).
+  """
+  epoch: int
+  refused: str | None = None
+  indices: np.ndarray | None = None
+  values: np.ndarray | None = None
+  loss: float | None = None
+  accuracy: float | None = None
+  downloaded: int = 0
+  epsilon: float | None = None
+  delta: float = 0.0
+  charged: bool = False
+  partition_id: int = 0
 
 
 def load_data_dir(path: str, cfg: Config) -> data_base.Dataset:
@@ -75,14 +151,24 @@ def load_data_dir(path: str, cfg: Config) -> data_base.Dataset:
                                standardize=cfg.standardize)
 
 
-def participant_key(seed: int, epoch: int, index: int) -> jax.Array:
+def participant_key(seed: int, epoch: int, index: int,
+                    attempt: int = 0) -> jax.Array:
   """The key the simulation gives participant ``index`` in ``epoch``'s
   update (training and upload noise): the second half of
-  ``split(fold_in(fold_in(train_key, epoch), index))``."""
+  ``split(fold_in(fold_in(train_key, epoch), index))``; a charged retry
+  (``attempt`` >= 1) folds in its number, so no two releases share noise."""
   _, train_key = jax.random.split(jax.random.key(seed))
   key = protocols.participant_keys(jax.random.fold_in(train_key, epoch),
                                    index + 1)[index]
-  return jax.random.split(key)[1]
+  key = jax.random.split(key)[1]
+  return key if attempt == 0 else jax.random.fold_in(key, attempt)
+
+
+def _log_stderr(msg: str) -> None:
+  import sys  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  print(f"[dssgd participant {time.strftime('%H:%M:%S')}] {msg}",
+        file=sys.stderr, flush=True)
 
 
 class Participant:
@@ -97,13 +183,24 @@ class Participant:
       ``index`` (for tests and demos).
     seed: the participant's PRNG seed; None: the one stored in
       ``state_dir``, or a new random one.
+    policy: what it accepts to release (:class:`Policy`; default: the
+      protective defaults).
+    ledger_path: the machine's ledger (default ``state_dir/ledger.jsonl``;
+      the Flower app keeps one per node, shared by its runs).
+    run_id: how this run is named on the ledger (default: the state dir's
+      name).
   """
 
   def __init__(self, cfg: Config, index: int, state_dir: str,
-               data_dir: str | None = None, seed: int | None = None):
+               data_dir: str | None = None, seed: int | None = None,
+               policy: Policy | None = None, ledger_path: str | None = None,
+               run_id: str | None = None):
     self.cfg = cfg
     self.index = int(index)
     self.state_dir = state_dir
+    self.policy = policy or Policy()
+    self.ledger_path = ledger_path or os.path.join(state_dir, LEDGER)
+    self.run_id = run_id or os.path.basename(os.path.normpath(state_dir))
     os.makedirs(state_dir, exist_ok=True)
     if data_dir:
       ds = load_data_dir(data_dir, cfg)
@@ -200,51 +297,152 @@ class Participant:
         if old < epoch and old != previous:
           os.remove(os.path.join(self.state_dir, name))
 
+  # -- the ledger ------------------------------------------------------------
   def ledger(self) -> list[dict]:
-    path = os.path.join(self.state_dir, LEDGER)
-    if not os.path.exists(path):
+    """Every line of the machine's ledger (all runs)."""
+    if not os.path.exists(self.ledger_path):
       return []
-    with open(path) as f:
+    with open(self.ledger_path) as f:
       return [json.loads(l) for l in f if l.strip()]
 
-  def _record(self, epoch: int, uploaded: int) -> float | None:
-    """Appends epoch's line to the ledger (replacing a retried epoch's);
-    returns ε spent so far by this participant's upload rule."""
-    lines = [l for l in self.ledger() if l["epoch"] < epoch]
-    shared = sum(1 for l in lines if l["uploaded"] > 0) + (uploaded > 0)
-    claim = rules.claim(self.upload_rule, self.num_params, shared,
-                        self.cfg.delta) if self.upload_rule else None
-    eps = None if claim is None else claim.epsilon
-    lines.append({"epoch": epoch, "uploaded": int(uploaded),
-                  "epochs_shared": shared, "epsilon": eps,
-                  "no_guarantee": None if claim is None else claim.reason})
-    _io.write_text(os.path.join(self.state_dir, LEDGER),
-                   "".join(json.dumps(l) + "\n" for l in lines), ConfigError)
-    return eps
+  def _run_lines(self) -> list[dict]:
+    return [l for l in self.ledger() if l.get("run") == self.run_id]
+
+  def mechanism_runs(self) -> int:
+    """How many times this run's upload rule ran on the data here."""
+    return sum(1 for l in self._run_lines() if l.get("charged"))
+
+  def _claim(self, runs: int) -> rules.Claim:
+    return rules.claim(self.upload_rule, self.num_params, runs,
+                       self.cfg.delta)
+
+  def spent(self, exclude_this_run: bool = False) -> tuple[float, float, int]:
+    """(ε, δ, epochs without a guarantee) over every run on the ledger:
+    each run's last ε and δ, added up (basic composition across runs)."""
+    last = {}
+    for l in self.ledger():
+      if l.get("charged"):
+        last[l["run"]] = l
+    if exclude_this_run:
+      last.pop(self.run_id, None)
+    eps = sum(l["run_epsilon"] for l in last.values()
+              if l["run_epsilon"] is not None)
+    delta = sum(l["run_delta"] for l in last.values()
+                if l["run_epsilon"] is not None)
+    unbounded = sum(l["run_mechanism_runs"] for l in last.values()
+                    if l["run_epsilon"] is None)
+    return eps, delta, unbounded
+
+  def refusal(self) -> str | None:
+    """Why this participant refuses the run's next epoch, or None."""
+    p = self.policy
+    claim = self._claim(1)
+    if claim.epsilon is None:
+      if p.require_guarantee:
+        return (f"participant {self.index} refuses: the run's upload rule "
+                f"{self.upload_rule!r} gives no differential-privacy "
+                f"guarantee ({claim.reason.rstrip('.')}), and its policy "
+                "requires one (start it with --allow_no_guarantee to opt "
+                "out).")
+      return None
+    other_eps, other_delta, _ = self.spent(exclude_this_run=True)
+    nxt = self._claim(self.mechanism_runs() + 1)
+    eps, delta = other_eps + nxt.epsilon, other_delta + nxt.delta
+    if eps > p.epsilon_budget * (1 + 1e-9) or delta > p.delta_budget * (
+        1 + 1e-9):
+      return (f"participant {self.index} refuses: this epoch would bring its "
+              f"total privacy loss to ε = {eps:.4g}, δ = {delta:.3g}, over "
+              f"its budget of ε = {p.epsilon_budget:g}, δ = "
+              f"{p.delta_budget:g}.")
+    return None
+
+  def _append(self, line: dict) -> None:
+    """Appends one line to the ledger (fsynced: a crash never loses a
+    charged release)."""
+    os.makedirs(os.path.dirname(os.path.abspath(self.ledger_path)),
+                exist_ok=True)
+    with open(self.ledger_path, "a") as f:
+      f.write(json.dumps(line) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
+
+  def _record(self, epoch: int, uploaded: int, attempt: int,
+              charged: bool, refused: str | None = None) -> dict:
+    runs = self.mechanism_runs() + int(charged)
+    claim = self._claim(runs)
+    line = {"run": self.run_id, "epoch": int(epoch), "attempt": int(attempt),
+            "charged": bool(charged), "uploaded": int(uploaded),
+            "rule": repr(self.upload_rule), "run_mechanism_runs": runs,
+            "run_epsilon": claim.epsilon, "run_delta": claim.delta,
+            "no_guarantee": claim.reason}
+    if refused:
+      line["refused"] = refused
+    self._append(line)
+    eps, delta, unbounded = self.spent()
+    line.update(total_epsilon=eps, total_delta=delta,
+                total_epochs_without_guarantee=unbounded)
+    return line
+
+  # -- the uploads kept for retries -----------------------------------------
+  def _upload_path(self, epoch: int) -> str:
+    return os.path.join(self.state_dir, f"upload_{epoch}.npz")
+
+  @staticmethod
+  def _digest(*arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+      h.update(b"-" if a is None else np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+  def _stored_upload(self, epoch: int, digest: str):
+    path = self._upload_path(epoch)
+    if not os.path.exists(path):
+      return None
+    with np.load(path) as z:
+      if str(z["digest"]) != digest:
+        return None
+      return (z["indices"], z["values"], float(z["loss"]))
+
+  def _store_upload(self, epoch, digest, indices, values, loss):
+    path = self._upload_path(epoch)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, digest=digest, indices=indices, values=values, loss=loss)
+    os.replace(tmp, path)
+    for name in os.listdir(self.state_dir):  # keep this epoch's and the last
+      if name.startswith("upload_") and name.endswith(".npz"):
+        old = int(name[len("upload_"):-len(".npz")])
+        if old < epoch - 1:
+          os.remove(os.path.join(self.state_dir, name))
 
   # -- the protocol ----------------------------------------------------------
-  def train(self, epoch: int, download_indices: np.ndarray | None,
-            download_values: np.ndarray, init: np.ndarray | None = None
-            ) -> dict:
-    """Participant's part of ``epoch``: download, train, upload.
+  def visit(self, epoch: int, download_indices: np.ndarray | None,
+            download_values: np.ndarray, init: np.ndarray | None = None,
+            evaluate: bool = False, log=None) -> Visit:
+    """One train message: the policy's check, then download, train, upload.
 
     Args:
       epoch: the epoch (1-based); the participant starts from its last
-        model before ``epoch`` (retrying an epoch gives the same result; a
-        participant that missed epochs starts from its last one).
+        model before ``epoch`` (a participant that missed epochs starts from
+        its last one).
       download_indices: positions of the downloaded entries (None: all D).
       download_values: their values in the server's vector.
       init: the initial global model, used when the participant holds no
         model yet.
+      evaluate: an evaluation epoch (the accuracy is reported only with
+        ``Policy.report_metrics``).
+      log: where the one-line refusal goes (default: stderr).
 
     Returns:
-      ``{"indices", "values"}`` of the upload (valid entries only),
-      ``loss``, ``downloaded`` (entries), ``epsilon`` (this participant's
-      ε so far, None without a guarantee).
+      A :class:`Visit`: what leaves the machine, and the ledger's figures.
 
     Raises:
       ConfigError: no model for ``epoch - 1`` is stored and no ``init``.
     """
+    refused = self.refusal()
+    if refused:
+      (log or _log_stderr)(refused)
+      self._record(epoch, 0, 0, charged=False, refused=refused)
+      return Visit(epoch, refused=refused, partition_id=self.index)
     last = self.latest_model(epoch)
     if last is not None:
       local = self.load_model(last)
@@ -263,18 +461,53 @@ class Participant:
     else:
       server[download_indices] = download_values
       mask[download_indices] = True
-    key = participant_key(self.seed, epoch, self.index)
-    new_local, upload, loss = self._update(
-        jnp.asarray(server), jnp.asarray(mask), jnp.asarray(local),
-        self.images, self.labels, key)
-    new_local = np.asarray(new_local)
-    valid = np.asarray(upload.mask)
-    indices = np.asarray(upload.indices)[valid].astype(np.int32)
-    values = np.asarray(upload.values)[valid].astype(np.float32)
-    self._save_model(epoch, new_local)
-    eps = self._record(epoch, int(valid.sum()))
-    return {"indices": indices, "values": values, "loss": float(loss),
-            "downloaded": int(mask.sum()), "epsilon": eps}
+    digest = self._digest(download_indices, np.asarray(download_values),
+                          local)
+    stored = self._stored_upload(epoch, digest)
+    attempt = sum(1 for l in self._run_lines()
+                  if l.get("charged") and l["epoch"] == epoch)
+    if stored is not None and self.has_model(epoch):
+      indices, values, loss = stored  # the last release, resent
+      line = self._record(epoch, len(indices), max(attempt - 1, 0),
+                          charged=False)
+    else:
+      key = participant_key(self.seed, epoch, self.index, attempt)
+      new_local, upload, loss = self._update(
+          jnp.asarray(server), jnp.asarray(mask), jnp.asarray(local),
+          self.images, self.labels, key)
+      new_local = np.asarray(new_local)
+      valid = np.asarray(upload.mask)
+      indices = np.asarray(upload.indices)[valid].astype(np.int32)
+      values = np.asarray(upload.values)[valid].astype(np.float32)
+      loss = float(loss)
+      self._save_model(epoch, new_local)
+      self._store_upload(epoch, digest, indices, values, loss)
+      line = self._record(epoch, len(indices), attempt,
+                          charged=self.upload_rule is not None)
+    report = self.policy.report_metrics
+    return Visit(
+        epoch, indices=indices, values=values,
+        loss=float(loss) if report else None,
+        accuracy=self.evaluate(epoch) if report and evaluate else None,
+        downloaded=int(mask.sum()), epsilon=line["run_epsilon"],
+        delta=line["run_delta"], charged=line["charged"],
+        partition_id=self.index)
+
+  def train(self, epoch: int, download_indices: np.ndarray | None,
+            download_values: np.ndarray, init: np.ndarray | None = None
+            ) -> dict:
+    """:meth:`visit` as a dict, with the loss whatever the policy (for
+    tests that compare with the simulation); raises on a refusal."""
+    report = dataclasses.replace(self.policy, report_metrics=True)
+    policy, self.policy = self.policy, report
+    try:
+      v = self.visit(epoch, download_indices, download_values, init)
+    finally:
+      self.policy = policy
+    if v.refused:
+      raise ConfigError(v.refused)
+    return {"indices": v.indices, "values": v.values, "loss": v.loss,
+            "downloaded": v.downloaded, "epsilon": v.epsilon}
 
   def evaluate(self, epoch: int) -> float:
     """Test accuracy of this participant's model after ``epoch``."""

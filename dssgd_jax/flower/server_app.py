@@ -177,21 +177,31 @@ class Deployment:
     n = self.cfg.num_participants
     res = {"loss": [np.nan] * n, "uploaded": [0] * n, "downloaded": [0] * n,
            "lost": [True] * n, "wire_up": [], "wire_down": [],
-           "accuracy": []}
+           "accuracy": [], "refused": {}, "took_part": 0}
     keys = self.co.download_keys(epoch)
 
     def take(index, content, down, sent_bytes):
-      idx, val = self._upload(content)
+      """The reply of a participant: its upload, or None for a refusal
+      (recorded, and counted as a lost upload)."""
       m = content[wire.METRICS]
-      res["loss"][index] = float(m["loss"])
-      res["uploaded"][index] = len(idx)
-      res["downloaded"][index] = down
-      res["lost"][index] = False
-      if evaluate:
-        res["accuracy"].append(float(m["accuracy"]))
       self.seen.add(index)
+      res["downloaded"][index] = down  # it arrived: the participant answered
       res["wire_down"].append(sent_bytes)
       res["wire_up"].append(wire.content_bytes(content))
+      if wire.CONFIG in content.config_records and (
+          "refused" in content[wire.CONFIG]):
+        reason = str(content[wire.CONFIG]["refused"])
+        res["refused"][index] = reason
+        _log(f"epoch {epoch}: {reason}")
+        return None
+      idx, val = self._upload(content)
+      if "loss" in m:
+        res["loss"][index] = float(m["loss"])
+      res["uploaded"][index] = len(idx)
+      res["lost"][index] = False
+      res["took_part"] += 1
+      if evaluate and "accuracy" in m:
+        res["accuracy"].append(float(m["accuracy"]))
       return idx, val
 
     if self.cfg.protocol == "round_robin":
@@ -205,7 +215,9 @@ class Deployment:
           _log(f"epoch {epoch}: participant {i} did not upload (lost)")
           del self.nodes[i]
           continue
-        self.co.receive([take(i, got[self.nodes[i]], down, nbytes)])
+        up = take(i, got[self.nodes[i]], down, nbytes)
+        if up is not None:
+          self.co.receive([up])
     else:
       snapshot = self.co.state
       sent = {i: self._train_message(i, epoch, keys[i], snapshot,
@@ -267,8 +279,9 @@ def run(grid: Grid, cfg, reply_timeout: float = 600.0,
       acc = np.asarray(res["accuracy"]) if res["accuracy"] else None
       if dep.server_eval is not None:
         server_acc = dep.server_eval(dep.co.state.params)
-    losses = np.asarray([l for l in res["loss"] if np.isfinite(l)] or
-                        [np.nan])
+    # Participants that do not report their loss (the default policy) are
+    # left out of the mean: with none, train_loss is null.
+    losses = np.asarray([l for l in res["loss"] if np.isfinite(l)])
     stats = protocols.EpochStats(losses, np.asarray(res["uploaded"]),
                                  np.asarray(res["downloaded"]),
                                  np.asarray(res["lost"]))
@@ -277,8 +290,10 @@ def run(grid: Grid, cfg, reply_timeout: float = 600.0,
                                      server_acc, stats))
     wall = time.time() - t0
     row.update(
-        num_models=cfg.num_participants, num_params=dep.co.num_params,
-        missing=[i for i in range(cfg.num_participants) if res["lost"][i]],
+        num_models=res["took_part"], num_params=dep.co.num_params,
+        missing=[i for i in range(cfg.num_participants)
+                 if res["lost"][i] and i not in res["refused"]],
+        refused={str(i): r for i, r in sorted(res["refused"].items())},
         wire_bytes_up=(float(np.mean(res["wire_up"])) if res["wire_up"]
                        else 0.0),
         wire_bytes_down=(float(np.mean(res["wire_down"])) if res["wire_down"]
@@ -294,7 +309,10 @@ def run(grid: Grid, cfg, reply_timeout: float = 600.0,
                                dep.co.train_key)
     acc_text = ("" if row["participant_accuracy_mean"] is None else
                 f" test acc {row['participant_accuracy_mean']:.4f}")
-    _log(f"epoch {epoch}/{cfg.epochs}{acc_text} loss {row['train_loss']:.4f}"
+    loss_text = ("" if row["train_loss"] is None else
+                 f" loss {row['train_loss']:.4f}")
+    _log(f"epoch {epoch}/{cfg.epochs}{acc_text}{loss_text}"
+         f" refused {sorted(res['refused'])}"
          f" missing {row['missing']} wire up {row['wire_bytes_up']:.0f} B "
          f"down {row['wire_bytes_down']:.0f} B per participant "
          f"({wall:.1f}s)")

@@ -598,14 +598,19 @@ def run_fields(cfg: Config, num_params: int, epoch: int, acc, server_acc,
                participant_accuracy_max=None, server_accuracy=None)
   up_each = np.asarray(stats.uploaded)
   down_each = np.asarray(stats.downloaded)
+  losses = np.asarray(stats.loss)
+  claim = build.claim(cfg, num_params, epoch)
   out.update(
-      train_loss=float(np.asarray(stats.loss).mean()),
+      train_loss=float(losses.mean()) if losses.size else None,
       uploaded_entries=float(up_each.mean()),
       downloaded_entries=float(down_each.mean()),
       bytes_up=server_lib.wire_bytes(up_each, num_params),
       bytes_down=server_lib.wire_bytes(down_each, num_params),
       lost_uploads=int(np.sum(np.asarray(stats.upload_lost))),
-      epsilon_spent=build.claim(cfg, num_params, epoch).epsilon)
+      lost_downloads=(None if stats.download_lost is None else
+                      int(np.sum(np.asarray(stats.download_lost)))),
+      epsilon_spent=claim.epsilon,
+      delta_spent=None if claim.epsilon is None else claim.delta)
   return out
 
 
@@ -652,11 +657,14 @@ def _progress_line(cfg: Config, row: dict, epoch_times: list[float]) -> str:
         f"{row['participant_accuracy_max']:.3f})")
     if row["server_accuracy"] is not None:
       parts.append(f"server {row['server_accuracy']:.4f}")
-  parts.append(f"loss {row['train_loss']:.4f}")
+  if row["train_loss"] is not None:
+    parts.append(f"loss {row['train_loss']:.4f}")
   parts.append(f"uploaded {row['uploaded_entries']:,.0f} of "
                f"{row['num_params']:,} entries/participant")
   if row["epsilon_spent"] is not None:
-    parts.append(f"ε {row['epsilon_spent']:.3g}")
+    delta = row.get("delta_spent")
+    parts.append(f"ε {row['epsilon_spent']:.3g}" +
+                 (f" (δ {delta:.3g})" if delta else ""))
   if len(epoch_times) == 1:
     parts.append(f"{row['wall_time_s']:.2f}s (with compilation)")
   else:
@@ -708,5 +716,6 @@ def _summarize_one(cfg: Config, rows: list[dict]) -> dict:
       "bytes_up_total": float(sum(r["bytes_up"] for r in rows)),
       "bytes_down_total": float(sum(r["bytes_down"] for r in rows)),
       "epsilon_spent": rows[-1]["epsilon_spent"] if rows else None,
+      "delta_spent": rows[-1].get("delta_spent") if rows else None,
       "elapsed_s": rows[-1]["elapsed_s"] if rows else 0.0,
   }
