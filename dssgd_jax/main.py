@@ -13,7 +13,7 @@ print one sentence and exit with status 2.
 
 import sys
 
-from dssgd_jax import cli
+from dssgd_jax.tools import cli
 
 with cli.exit_on_interrupt(__name__ == "__main__"):
   from absl import app

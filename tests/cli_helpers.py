@@ -77,7 +77,7 @@ for line in sys.stdin:
 # server imports them too, so that each command pays only its own work.
 # (matplotlib's figure and Agg modules are most of pyplot's import, without
 # choosing a backend.)
-RUN_IMPORTS = ("dssgd_jax.plot", "matplotlib.figure",
+RUN_IMPORTS = ("dssgd_jax.run.figures", "matplotlib.figure",
                "matplotlib.backends.backend_agg", "dssgd_jax.data",
                "dssgd_jax.run.build", "dssgd_jax.participant",
                "sklearn.datasets", "tensorboardX")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from dssgd_jax import audit
+from dssgd_jax.tools import audit
 from dssgd_jax.run import config as config_lib
 from dssgd_jax.run import experiment
 
@@ -189,7 +189,7 @@ def test_cli(tmp_path, overfit_run):
 
 
 def test_reproduce_audit_adds_columns(tmp_path):
-  from dssgd_jax import reproduce  # pylint: disable=g-import-not-at-top
+  from dssgd_jax.tools import reproduce  # pylint: disable=g-import-not-at-top
   base = config_lib.validate(config_lib.Config(
       workdir=str(tmp_path), num_participants=3, samples_per_participant=30,
       epochs=1, learning_rate=0.1, **TINY))

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from dssgd_jax import bench
-from dssgd_jax import bench_scale
+from dssgd_jax.tools import bench
+from dssgd_jax.tools import bench_scale
 from dssgd_jax import models
 
 REQUIRED = ("participant_axis_vs_loop_b32", "participant_axis_vs_loop_b1",

@@ -334,7 +334,7 @@ def test_ctrl_c_during_an_entry_points_imports_is_one_line_and_exit_130():
   # `with cli.exit_on_interrupt(...)` around main.py's imports: a SIGINT in
   # the block ends the process with one line, whatever the import was doing.
   code = ("import os, signal, time\n"
-          "from dssgd_jax import cli\n"
+          "from dssgd_jax.tools import cli\n"
           "with cli.exit_on_interrupt():\n"
           "  os.kill(os.getpid(), signal.SIGINT)\n"
           "  time.sleep(30)\n"
@@ -352,7 +352,7 @@ _SIGINT_AT_IMPORT = """
 import importlib.abc, os, runpy, signal, sys
 class SigintAt(importlib.abc.MetaPathFinder):
   def find_spec(self, name, path=None, target=None):
-    if name == "numpy" and "dssgd_jax.cli" in sys.modules:
+    if name == "numpy" and "dssgd_jax.tools.cli" in sys.modules:
       sys.meta_path.remove(self)
       os.kill(os.getpid(), signal.SIGINT)
       for _ in range(10 ** 6):  # the handler runs between bytecodes
@@ -382,7 +382,7 @@ def test_exit_on_interrupt_is_a_plain_block_when_disabled():
   # and the previous handler is back after an enabled block.
   import os as os_  # pylint: disable=g-import-not-at-top
   import signal  # pylint: disable=g-import-not-at-top
-  from dssgd_jax import cli  # pylint: disable=g-import-not-at-top
+  from dssgd_jax.tools import cli  # pylint: disable=g-import-not-at-top
   before = signal.getsignal(signal.SIGINT)
   with pytest.raises(KeyboardInterrupt):
     with cli.exit_on_interrupt(False):
@@ -402,7 +402,7 @@ def test_ctrl_c_inside_a_gc_callback_is_not_lost():
   import os as os_  # pylint: disable=g-import-not-at-top
   import signal  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
-  from dssgd_jax import cli  # pylint: disable=g-import-not-at-top
+  from dssgd_jax.tools import cli  # pylint: disable=g-import-not-at-top
   fired = []
 
   def callback(phase, info):

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from dssgd_jax import plot
+from dssgd_jax.run import figures as plot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -24,8 +24,8 @@ import sys
 import pytest
 
 from cli_helpers import jit_env
-from dssgd_jax import audit
-from dssgd_jax import plot
+from dssgd_jax.tools import audit
+from dssgd_jax.run import figures as plot
 from dssgd_jax.errors import UserError
 from dssgd_jax.run import config as config_lib
 from dssgd_jax.run import experiment

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from dssgd_jax.run import config as config_lib
-from dssgd_jax import reproduce
-from dssgd_jax import sweep as sweep_lib
+from dssgd_jax.tools import reproduce
+from dssgd_jax.tools import sweep as sweep_lib
 from dssgd_jax.errors import ConfigError
 
 from cli_helpers import jit_env as _jit_env

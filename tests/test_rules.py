@@ -275,39 +275,121 @@ def test_weighted_fedavg_equals_numpy_reference_with_unequal_sizes():
 
 
 # ----------------------------------------------------------------------------
-# The library never imports the run configuration.
+# The layers (issue "Compose in code, run like the command line"): the
+# library (pure functions, explicit arguments), the run layer
+# (dssgd_jax/run/), the tools above it (dssgd_jax/tools/) and the
+# deployment (dssgd_jax/flower/); the entry points (main.py and the thin
+# `python -m dssgd_jax.<tool>` modules) may import anything.
 
-PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "dssgd_jax"
-# Entry-point tools built on runs (above the run layer).
-TOOLS = {"main", "reproduce", "privacy_table", "sweep", "audit", "plot",
-         "bench", "bench_scale", "cli"}
-# Packages above the run layer: the Flower apps (a deployed run).
-TOOL_PACKAGES = {"run", "flower"}
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "dssgd_jax"
+ENTRY_POINTS = {"main", "audit", "audit_rule", "plot", "reproduce",
+                "privacy_table", "bench", "bench_scale"}
+LAYERS = ("library", "run", "tools", "flower")
+ALLOWED = {"library": {"library"}, "run": {"library", "run"},
+           "tools": {"library", "run", "tools"},
+           "flower": {"library", "run", "flower"}}
 
 
-def _imports(path):
-  tree = ast.parse(path.read_text())
+def _layer(module: str) -> str:
+  parts = module.split(".")
+  if len(parts) > 1 and parts[1] in ("run", "tools", "flower"):
+    return parts[1]
+  return "library"
+
+
+def _module_name(path: pathlib.Path) -> str:
+  parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+  return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_module(dotted: str) -> bool:
+  base = PACKAGE.parent / dotted.replace(".", "/")
+  return base.with_suffix(".py").exists() or base.is_dir()
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+  """The dssgd_jax modules ``path`` imports (top level or in a function);
+  ``from package import module`` counts as the module."""
   names = set()
-  for node in ast.walk(tree):
+  for node in ast.walk(ast.parse(path.read_text())):
     if isinstance(node, ast.Import):
-      names |= {a.name for a in node.names}
+      names.update(a.name for a in node.names)
     elif isinstance(node, ast.ImportFrom) and node.module:
-      names.add(node.module)
-      names |= {f"{node.module}.{a.name}" for a in node.names}
-  return {n for n in names if n.startswith("dssgd_jax")}
+      subs = [f"{node.module}.{a.name}" for a in node.names
+              if _is_module(f"{node.module}.{a.name}")]
+      names.update(subs or [node.module])
+  return {n for n in names if n.startswith("dssgd_jax") and n != "dssgd_jax"}
 
 
-def test_no_library_module_imports_the_run_layer():
-  library = [p for p in PACKAGE.rglob("*.py")
-             if not TOOL_PACKAGES & set(p.relative_to(PACKAGE).parts[:1])
-             and p.stem not in TOOLS]
-  assert len(library) > 15
-  for path in library:
-    bad = {n for n in _imports(path) if n.startswith("dssgd_jax.run")}
-    assert not bad, f"{path.relative_to(PACKAGE)} imports {sorted(bad)}"
-  # And the run layer is imported by the tools, so the walk is not vacuous.
-  assert any(n.startswith("dssgd_jax.run") for n in _imports(
-      PACKAGE / "main.py"))
+def _modules() -> dict:
+  """Every module of the package but the entry points."""
+  out = {}
+  for path in PACKAGE.rglob("*.py"):
+    if (path.parent == PACKAGE and path.stem in ENTRY_POINTS) or (
+        path.stem == "__main__"):
+      continue
+    out[_module_name(path)] = path
+  return out
+
+
+def test_no_layer_imports_a_layer_above_it():
+  modules = _modules()
+  assert {_layer(m) for m in modules} == set(LAYERS)
+  assert len([m for m in modules if _layer(m) == "library"]) > 15
+  for name, path in modules.items():
+    for imp in _imports(path):
+      assert _layer(imp) in ALLOWED[_layer(name)], (
+          f"{name} ({_layer(name)}) imports {imp} ({_layer(imp)})")
+  # The entry points are thin: a few lines each.
+  for stem in ENTRY_POINTS - {"main"}:
+    assert len((PACKAGE / f"{stem}.py").read_text().splitlines()) <= 8, stem
+
+
+def test_imports_have_no_cycles():
+  modules = _modules()
+  graph = {m: {i for i in _imports(p) if i in modules and i != m}
+           for m, p in modules.items()}
+  done, stack = set(), []
+
+  def visit(m):
+    if m in stack:
+      raise AssertionError("import cycle: " + " -> ".join(
+          stack[stack.index(m):] + [m]))
+    if m not in done:
+      stack.append(m)
+      for n in sorted(graph[m]):
+        visit(n)
+      stack.pop()
+      done.add(m)
+
+  for m in sorted(graph):
+    visit(m)
+
+
+def test_no_module_uses_another_modules_private_names():
+  """Private helper modules (``_topk``, ``_io``) are imported by name; a
+  private function or constant of another module never is."""
+  for name, path in _modules().items():
+    tree = ast.parse(path.read_text())
+    aliases = {}
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+          "dssgd_jax"):
+        for a in node.names:
+          full = f"{node.module}.{a.name}"
+          aliases[a.asname or a.name] = full
+          assert not a.name.startswith("_") or _is_module(full), (
+              f"{name} imports the private {full}")
+      elif isinstance(node, ast.Import):
+        aliases.update({a.asname or a.name: a.name for a in node.names
+                        if a.name.startswith("dssgd_jax")})
+    for node in ast.walk(tree):
+      if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+          and node.value.id in aliases and node.attr.startswith("_")
+          and not node.attr.startswith("__")
+          and not _is_module(f"{aliases[node.value.id]}.{node.attr}")):
+        raise AssertionError(f"{name} uses {aliases[node.value.id]}."
+                             f"{node.attr}, a private name of another module")
 
 
 @pytest.mark.parametrize("module", [

@@ -180,7 +180,7 @@ def test_mesh_size():
 
 
 def test_cpu_devices_flag_sets_xla_flags_once(monkeypatch):
-  from dssgd_jax import cli  # pylint: disable=g-import-not-at-top
+  from dssgd_jax.tools import cli  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
   cli.force_cpu_devices(4)
   assert os.environ["XLA_FLAGS"] == (

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from dssgd_jax import privacy_table
-from dssgd_jax import sweep
+from dssgd_jax.tools import privacy_table
+from dssgd_jax.tools import sweep
 from dssgd_jax.errors import ConfigError
 from dssgd_jax.run import config as config_lib
 

@@ -46,6 +46,13 @@ def data(cfg: Config):
       svhn_test_examples=cfg.svhn_test_examples)
 
 
+def num_params(cfg: Config) -> int:
+  """D of the run's model, computed abstractly (no data, no backend)."""
+  from dssgd_jax.data import datasets as datasets_lib  # pylint: disable=g-import-not-at-top
+  return models.abstract_num_params(cfg.model,
+                                    datasets_lib.IMAGE_SHAPES[cfg.dataset])
+
+
 def data_seed(cfg: Config) -> int:
   """The seed of the data split: ``--data_seed``, by default ``--seed``."""
   return cfg.seed if cfg.data_seed is None else int(cfg.data_seed)

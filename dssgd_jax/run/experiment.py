@@ -637,8 +637,8 @@ def mean_over_seeds(per_seed: list[dict]) -> dict:
 def _draw_figures(workdir: str, log: Callable[[str], None]) -> None:
   """accuracy.png and accuracy_vs_bytes.png (``python -m dssgd_jax.plot``)."""
   try:
-    from dssgd_jax import plot  # pylint: disable=g-import-not-at-top
-    plot.plot_run(workdir)
+    from dssgd_jax.run import figures  # pylint: disable=g-import-not-at-top
+    figures.plot_run(workdir)
   except Exception as e:  # pylint: disable=broad-except
     log(f"warning: could not draw the figures of {workdir}: {e}")
 

@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from dssgd_jax import _io
-from dssgd_jax import plot as plot_lib
+from dssgd_jax.run import figures as plot_lib
 from dssgd_jax.run import config as config_lib
 from dssgd_jax.errors import ConfigError, NonFiniteError
 
@@ -346,7 +346,7 @@ def cached_audit(workdir: str, seed: int,
     seed: the audit seed the result must have been drawn with.
     attacks: the attacks it must hold (default: all of ``audit.ATTACKS``).
   """
-  from dssgd_jax import audit as audit_lib  # pylint: disable=g-import-not-at-top
+  from dssgd_jax.tools import audit as audit_lib  # pylint: disable=g-import-not-at-top
   from dssgd_jax.run import experiment  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, audit_lib.AUDIT_FILE)
   try:
@@ -385,7 +385,7 @@ def audit_runs(runs: Sequence[Run], log: Log, tool: str, data=None,
     ``{run.key: result}``, results of :func:`dssgd_jax.audit.audit_run`
     (each also written to the run's ``audit.json``).
   """
-  from dssgd_jax import audit as audit_lib  # pylint: disable=g-import-not-at-top
+  from dssgd_jax.tools import audit as audit_lib  # pylint: disable=g-import-not-at-top
   from dssgd_jax.run import build  # pylint: disable=g-import-not-at-top
   attacks = tuple(attacks or audit_lib.ATTACKS)
   out = {}

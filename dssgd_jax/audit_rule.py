@@ -1,0 +1,9 @@
+"""``python -m dssgd_jax.audit_rule``: runs :mod:`dssgd_jax.tools.audit_rule`
+as the program (a thin entry point; the code, its flags and its --help are
+there)."""
+
+import runpy
+
+if __name__ == "__main__":
+  runpy.run_module("dssgd_jax.tools.audit_rule", run_name="__main__",
+                   alter_sys=True)
