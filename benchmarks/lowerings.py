@@ -2,7 +2,7 @@
 
 The trial behind ``--participant_axis=auto`` and ``--conv_impl=auto``
 (BENCHMARKS.md): P participants each run one local epoch of SGD
-(``participant.make_local_epoch``) in one jitted program, with
+(``participant.make_trainer``) in one jitted program, with
 
   vmap        jax.vmap over participants, im2col convolutions
   map         lax.map over participants, im2col convolutions
@@ -32,6 +32,7 @@ from unittest import mock
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec
 
@@ -50,7 +51,14 @@ def build(mode, name, batch):
   shape = models.INPUT_SHAPES[name]
   flat, unravel = participant.flatten_params(
       models.init_params(model, shape, jax.random.key(1)))
-  epoch = participant.make_local_epoch(model.apply, unravel, batch)
+  trainer = participant.make_trainer(model.apply, unravel, batch,
+                                     optax.sgd(0.01))
+
+  def epoch(flat, x, y, k, lr):  # plain SGD: lr is the trainer's 0.01
+    del lr
+    new, loss = trainer.epoch(trainer.init(flat), x, y, k)
+    return new.params, loss
+
   kind = mode.split("_")[0]
   if kind == "vmap":
     fn = jax.vmap(epoch, in_axes=(0, 0, 0, 0, None))

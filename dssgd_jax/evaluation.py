@@ -122,10 +122,13 @@ def make_evaluator(apply_fn: Callable, unravel: Callable, images: np.ndarray,
                    labels: np.ndarray, num_models: int,
                    chunk: int | None = None,
                    lowering: str | None = None) -> Callable:
-  """Builds ``evaluate(flat_stack (P, D)) -> accuracies (P,)``.
+  """Builds ``evaluate(flat_stack (P, D), stats=None) -> accuracies (P,)``.
 
   Accuracy of model p: the fraction of the T test examples where the argmax
-  of ``apply_fn(unravel(flat_stack[p]), image)`` equals the label.
+  of ``apply_fn(unravel(flat_stack[p]), image)`` equals the label. With
+  ``stats = (shift, scale)``, each (P, C), model p sees every test image
+  standardized with its own statistics, ``(image - shift[p]) * scale[p]``
+  (each participant standardizes with its own training data).
 
   Args:
     apply_fn: model apply.
@@ -165,15 +168,22 @@ def make_evaluator(apply_fn: Callable, unravel: Callable, images: np.ndarray,
       c = -(-num // -(-num // c))  # same steps, least padding
     return c
 
-  def score(flat_stack, x, y, m):
+  def score(flat_stack, x, y, m, shift=None, scale=None):
     """Correct-prediction counts (P,) over all chunks."""
+    def one(w, bx, by, bm, sh, sc):
+      if sh is not None:
+        bx = (bx - sh) * sc
+      return correct(w, bx, by, bm)
+
     def body(total, batch):
       bx, by, bm = batch
       if lowering == "vmap":
-        hits = jax.vmap(correct, in_axes=(0, None, None, None))(
-            flat_stack, bx, by, bm)
+        axes = None if shift is None else 0
+        hits = jax.vmap(one, in_axes=(0, None, None, None, axes, axes))(
+            flat_stack, bx, by, bm, shift, scale)
       else:
-        hits = jax.lax.map(lambda w: correct(w, bx, by, bm), flat_stack)
+        hits = jax.lax.map(lambda a: one(a[0], bx, by, bm, a[1], a[2]),
+                           (flat_stack, shift, scale))
       return total + hits, None
 
     total, _ = jax.lax.scan(
@@ -191,19 +201,23 @@ def make_evaluator(apply_fn: Callable, unravel: Callable, images: np.ndarray,
       fn = jax.shard_map(
           score, mesh=mesh,
           in_specs=(PartitionSpec(axis), PartitionSpec(), PartitionSpec(),
-                    PartitionSpec()),
+                    PartitionSpec(), PartitionSpec(axis),
+                    PartitionSpec(axis)),
           out_specs=PartitionSpec(axis), check_vma=False)
     # The test set is an argument, not a closed-over constant, so XLA does
     # not fold it into the compiled program.
-    return jax.jit(lambda s, x, y, m: fn(s, x, y, m) / num), _pad_chunks(
-        images, labels, chunk_size(flat_stack))
+    return jax.jit(lambda s, x, y, m, sh, sc: fn(s, x, y, m, sh, sc) / num
+                   ), _pad_chunks(images, labels, chunk_size(flat_stack))
 
-  def evaluate(flat_stack):
+  def evaluate(flat_stack, stats=None):
     key = (tuple(np.shape(flat_stack)[1:]), str(flat_stack.dtype),
-           str(getattr(flat_stack, "sharding", None)))
+           str(getattr(flat_stack, "sharding", None)), stats is None)
     if key not in compiled:
       compiled[key] = build(flat_stack)
     fn, (x, y, m) = compiled[key]
-    return fn(flat_stack, x, y, m)
+    shift = scale = None
+    if stats is not None:
+      shift, scale = (jnp.asarray(a, jnp.float32) for a in stats)
+    return fn(flat_stack, x, y, m, shift, scale)
 
   return evaluate

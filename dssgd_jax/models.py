@@ -184,6 +184,13 @@ def auto_conv_impl() -> str:
   return "xla" if jax.default_backend() == "tpu" else "im2col"
 
 
+def approx_is_approximate() -> bool:
+  """Whether ``lax.approx_max_k`` is approximate on this backend (TPU); on
+  CPU and GPU it is exact (``--selection=largest_approx`` is then
+  ``largest``)."""
+  return jax.default_backend() == "tpu"
+
+
 def abstract_num_params(name: str, image_shape: Sequence[int]) -> int:
   """D of model ``name`` on images of ``image_shape`` (as :func:`fits`
   pads them), computed abstractly: no backend starts.

@@ -3,24 +3,31 @@
 Paper section 3, SPEC section 3 "Protocols". Every protocol is a
 :class:`Protocol`, two pure functions::
 
-    state = protocol.init(server, local)        # {"server", "local", ...}
-    state, stats = protocol.epoch(state, images, labels, key)
+    state = protocol.init(server, local)        # a State
+    state, stats = protocol.epoch(state, data, key)
 
 so the run loop, checkpoints and device placement have no special case for
-any of them. ``local`` is the (P, D) stack of participants' flat parameters
-and ``images``/``labels`` their private data with a leading participant axis.
-A protocol is built from a participant ``update`` (:func:`dssgd_jax.
-participant.make_update`: download, local epoch, upload rule) and a
-:class:`~dssgd_jax.server.DownloadRule`:
+any of them. ``local`` is the participants' :class:`~dssgd_jax.participant.
+LocalState` (the (P, D) stack of flat parameters and their optimizers'
+states) and ``data`` their private :class:`~dssgd_jax.participant.
+ParticipantData`, each with a leading participant axis. A protocol is built
+from a participant ``update`` (:func:`dssgd_jax.participant.make_update`:
+download, local epoch, upload rule), a :class:`~dssgd_jax.server.
+DownloadRule` and an :class:`~dssgd_jax.aggregation.Aggregation` (how the
+server combines what it receives; the paper's sum by default):
 
 * :func:`round_robin` — the paper's sequential protocol: participant 1
   downloads, trains and uploads, then participant 2 sees the result, and so
   on (a ``lax.scan`` over participants);
 * :func:`parallel` — every participant downloads the same snapshot, they
   train at the same time (:func:`map_participants` over the participant
-  axis) and the server applies all uploads (optionally weighted: FedAvg);
+  axis) and the server aggregates all uploads;
 * :func:`asynchronous` — ``async``: stale downloads from a ring of past
   server snapshots, uploads applied to the current server.
+
+The state is a typed pytree (:class:`State`: ``server``, ``local``, the
+async ``ring``, the aggregation's own state), so checkpoints store every
+array under a name such as ``state.local.params``.
 
 Every protocol takes ``upload_loss`` and ``download_loss``: each epoch each
 participant's upload (download) is lost with that probability; a lost upload
@@ -31,10 +38,13 @@ participant draws the same numbers whatever the protocol or device layout.
 
 from typing import Any, Callable, NamedTuple
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
+from dssgd_jax import aggregation as aggregation_lib
 from dssgd_jax import server as server_lib
+from dssgd_jax.participant import LocalState, ParticipantData
 from dssgd_jax.selection import Upload
 
 PROTOCOLS = ("round_robin", "parallel", "async")
@@ -56,19 +66,49 @@ class EpochStats(NamedTuple):
     downloaded: entries it received (0 when its download was lost).
     upload_lost: True where its upload did not reach the server.
     download_lost: True where its download did not reach it.
+    received: the uploads as the server received them, (P, c) (a lost one
+      all masked): what an observer at the server sees (the canary audit
+      scores it).
   """
   loss: jax.Array
   uploaded: jax.Array
   downloaded: jax.Array
   upload_lost: jax.Array
   download_lost: jax.Array | None = None
+  received: Upload | None = None
+
+
+@flax.struct.dataclass
+class Ring:
+  """The async protocol's last ``max_staleness + 1`` server snapshots,
+  newest first: parameters and update counters, (S + 1, D) each."""
+  params: jax.Array
+  stat: jax.Array
+
+
+@flax.struct.dataclass
+class State:
+  """A protocol's state (a pytree).
+
+  Attributes:
+    server: the parameter server's :class:`~dssgd_jax.server.ServerState`.
+    local: every participant's :class:`~dssgd_jax.participant.LocalState`
+      (leading participant axis).
+    ring: the async protocol's :class:`Ring` (None otherwise).
+    aggregation: the aggregation's own state (e.g. server momentum; ``()``
+      for the paper's sum).
+  """
+  server: server_lib.ServerState
+  local: LocalState
+  ring: Ring | None = None
+  aggregation: Any = ()
 
 
 class Protocol(NamedTuple):
-  """``init(server, local) -> state``; ``epoch(state, images, labels, key)
-  -> (state, EpochStats)``. Both pure; ``epoch`` is jitted by the caller."""
-  init: Callable[[server_lib.ServerState, jax.Array], dict]
-  epoch: Callable[..., tuple[dict, EpochStats]]
+  """``init(server, local) -> State``; ``epoch(state, data, key) ->
+  (State, EpochStats)``. Both pure; ``epoch`` is jitted by the caller."""
+  init: Callable[[server_lib.ServerState, LocalState], State]
+  epoch: Callable[..., tuple[State, EpochStats]]
   name: str
 
 
@@ -203,104 +243,113 @@ def _drop(uploads: Upload, lost: jax.Array) -> Upload:
   return uploads._replace(mask=uploads.mask & ~lost[..., None])
 
 
-def _weigh(uploads: Upload, weights: jax.Array | None, lost: jax.Array
-           ) -> Upload:
-  """Scales participant i's values by w_i / Σ_received w (FedAvg's mean)."""
-  if weights is None:
-    return uploads
-  w = jnp.where(lost, 0.0, weights.astype(jnp.float32))
-  w = w / jnp.maximum(jnp.sum(w), 1e-30)
-  return uploads._replace(values=uploads.values * w[:, None])
+def example_weights(data: ParticipantData) -> jax.Array:
+  """(P,) each participant's number of real examples (the aggregation's
+  weights)."""
+  if data.count is not None:
+    return data.count.astype(jnp.float32)
+  return jnp.full(data.labels.shape[:1], data.labels.shape[1], jnp.float32)
 
 
 def _stats(losses, uploads, masks, up_lost, dl_lost):
   """Delivered entries only (a lost transfer counts 0): ``masks`` already
   exclude lost downloads."""
+  received = _drop(uploads, up_lost)
   return EpochStats(losses, jnp.where(up_lost, 0, uploads.count),
-                    jnp.sum(masks, axis=-1), up_lost, dl_lost)
+                    jnp.sum(masks, axis=-1), up_lost, dl_lost, received)
 
 
 def _end(server, stat_decay, decay_every):
   return server_lib.end_epoch(server, stat_decay, decay_every)
 
 
-def _plain_init(server, local):
-  return {"server": server, "local": local}
+def _aggregation(aggregation):
+  return aggregation_lib.sum_uploads() if aggregation is None else aggregation
+
+
+def _plain_init(aggregation):
+  def init(server, local):
+    return State(server, local, None, aggregation.init(server.params))
+  return init
 
 
 def parallel(update: Callable, download: server_lib.DownloadRule, *,
+             aggregation: aggregation_lib.Aggregation | None = None,
              stat_decay: float = 1.0, decay_every: int = 1,
              upload_loss: float = 0.0, download_loss: float = 0.0,
-             weights: jax.Array | None = None,
-             axis: ParticipantAxis = ParticipantAxis(),
-             counts: jax.Array | None = None) -> Protocol:
+             axis: ParticipantAxis = ParticipantAxis()) -> Protocol:
   """All participants train on the same server snapshot.
 
   Args:
     update: from :func:`dssgd_jax.participant.make_update`.
     download: the download rule.
+    aggregation: how the server combines the uploads (default: the paper's
+      :func:`~dssgd_jax.aggregation.sum_uploads`).
     stat_decay: β, applied to the server's update counters ...
     decay_every: ... every this many epochs.
     upload_loss, download_loss: loss probabilities per participant per epoch.
-    weights: optional (P,) weights: the server adds the weighted mean of the
-      received uploads instead of their sum (FedAvg).
     axis: how the participant axis is computed.
-    counts: optional (P,) number of real examples of each participant (the
-      rest of its example slots are padding).
   """
-  def epoch(state, images, labels, key):
-    server, local = state["server"], state["local"]
-    num = local.shape[0]
+  aggregation = _aggregation(aggregation)
+
+  def epoch(state, data, key):
+    server, local = state.server, state.local
+    num = local.params.shape[0]
     dl_keys, up_keys = _split_keys(participant_keys(key, num))
     up_lost, dl_lost = draw_losses(key, num, upload_loss, download_loss)
     masks = _masks(download, server, dl_keys, dl_lost)
-    args = (server.params, masks, local, images, labels, up_keys)
-    if counts is not None:  # uneven data: the real examples per participant
-      args += (counts,)
     new_local, uploads, losses = map_participants(
-        update, (None,) + (0,) * (len(args) - 1), args, axis.lowering,
+        update, (None, 0, 0, 0, 0),
+        (server.params, masks, local, data, up_keys), axis.lowering,
         axis.mesh)
-    received = _weigh(_drop(uploads, up_lost), weights, up_lost)
-    server = _end(server_lib.apply_uploads(server, received), stat_decay,
-                  decay_every)
-    return ({"server": server, "local": new_local},
-            _stats(losses, uploads, masks, up_lost, dl_lost))
+    stats = _stats(losses, uploads, masks, up_lost, dl_lost)
+    server, agg = aggregation.apply(server, state.aggregation, stats.received,
+                                    example_weights(data))
+    server = _end(server, stat_decay, decay_every)
+    return State(server, new_local, None, agg), stats
 
-  return Protocol(_plain_init, epoch, "parallel")
+  return Protocol(_plain_init(aggregation), epoch, "parallel")
 
 
 def round_robin(update: Callable, download: server_lib.DownloadRule, *,
+                aggregation: aggregation_lib.Aggregation | None = None,
                 stat_decay: float = 1.0, decay_every: int = 1,
                 upload_loss: float = 0.0, download_loss: float = 0.0
                 ) -> Protocol:
   """The paper's sequential protocol (a scan over participants).
 
   Participant i downloads from the server state left by participants 0..i-1
-  in the same epoch, trains, and uploads before participant i+1 starts.
-  Arguments as in :func:`parallel`.
+  in the same epoch, trains, and uploads before participant i+1 starts (the
+  aggregation applies each upload as it arrives). Arguments as in
+  :func:`parallel`.
   """
-  def epoch(state, images, labels, key):
-    server, local = state["server"], state["local"]
-    num = local.shape[0]
+  aggregation = _aggregation(aggregation)
+
+  def epoch(state, data, key):
+    server, local = state.server, state.local
+    num = local.params.shape[0]
     dl_keys, up_keys = _split_keys(participant_keys(key, num))
     up_lost, dl_lost = draw_losses(key, num, upload_loss, download_loss)
+    weights = example_weights(data)
 
-    def body(srv, xs):
-      loc, imgs, labs, k_dl, k_up, u_lost, d_lost = xs
+    def body(carry, xs):
+      srv, agg = carry
+      loc, dat, k_dl, k_up, u_lost, d_lost, w = xs
       mask = _masks(download, srv, k_dl[None], d_lost[None])[0]
-      new_loc, upload, loss = update(srv.params, mask, loc, imgs, labs, k_up)
-      srv = server_lib.apply_uploads(srv, _drop(upload, u_lost))
-      return srv, (new_loc, loss, upload.count, jnp.sum(mask))
+      new_loc, upload, loss = update(srv.params, mask, loc, dat, k_up)
+      got = _drop(upload, u_lost)
+      srv, agg = aggregation.apply(
+          srv, agg, jax.tree_util.tree_map(lambda x: x[None], got), w[None])
+      return (srv, agg), (new_loc, loss, upload.count, jnp.sum(mask), got)
 
-    server, (new_local, losses, up, down) = jax.lax.scan(
-        body, server, (local, images, labels, dl_keys, up_keys, up_lost,
-                       dl_lost))
+    (server, agg), (new_local, losses, up, down, received) = jax.lax.scan(
+        body, (server, state.aggregation),
+        (local, data, dl_keys, up_keys, up_lost, dl_lost, weights))
     server = _end(server, stat_decay, decay_every)
-    return ({"server": server, "local": new_local},
-            EpochStats(losses, jnp.where(up_lost, 0, up), down, up_lost,
-                       dl_lost))
+    return State(server, new_local, None, agg), EpochStats(
+        losses, jnp.where(up_lost, 0, up), down, up_lost, dl_lost, received)
 
-  return Protocol(_plain_init, epoch, "round_robin")
+  return Protocol(_plain_init(aggregation), epoch, "round_robin")
 
 
 def draw_staleness(key: jax.Array, num: int, dist: str, max_staleness: int
@@ -322,6 +371,7 @@ def draw_staleness(key: jax.Array, num: int, dist: str, max_staleness: int
 
 
 def asynchronous(update: Callable, download: server_lib.DownloadRule, *,
+                 aggregation: aggregation_lib.Aggregation | None = None,
                  staleness: str = "constant", max_staleness: int = 0,
                  stat_decay: float = 1.0, decay_every: int = 1,
                  upload_loss: float = 0.0, download_loss: float = 0.0,
@@ -331,10 +381,10 @@ def asynchronous(update: Callable, download: server_lib.DownloadRule, *,
   Each epoch participant i draws a staleness s_i in [0, max_staleness]
   (:func:`draw_staleness`) and downloads from the server snapshot taken s_i
   epochs ago; the last ``max_staleness + 1`` snapshots (parameters and
-  update counters) are kept in a ring, part of the protocol state
-  (``state["ring"]``, newest first; before the first epoch every slot holds
-  the initial server). All participants train at the same time, and their
-  uploads are added to the *current* server. ``max_staleness=0`` is
+  update counters) are kept in a :class:`Ring`, part of the protocol state
+  (newest first; before the first epoch every slot holds the initial
+  server). All participants train at the same time, and their uploads are
+  aggregated into the *current* server. ``max_staleness=0`` is
   :func:`parallel` (same keys, same numbers); ``upload_loss=1`` and
   ``download_loss=1`` is standalone training. Everything is drawn from the
   epoch key, so a run is deterministic for a seed and resumes exactly.
@@ -342,22 +392,23 @@ def asynchronous(update: Callable, download: server_lib.DownloadRule, *,
   if staleness not in STALENESS:
     raise ValueError(f"staleness={staleness!r} is not one of {STALENESS}")
   max_s = int(max_staleness)
+  aggregation = _aggregation(aggregation)
 
   def init(server, local):
-    return {"server": server, "local": local,
-            "ring": {"params": jnp.tile(server.params[None], (max_s + 1, 1)),
-                     "stat": jnp.tile(server.stat[None], (max_s + 1, 1))}}
+    ring = Ring(jnp.tile(server.params[None], (max_s + 1, 1)),
+                jnp.tile(server.stat[None], (max_s + 1, 1)))
+    return State(server, local, ring, aggregation.init(server.params))
 
-  def epoch(state, images, labels, key):
-    server, local, ring = state["server"], state["local"], state["ring"]
-    num = local.shape[0]
+  def epoch(state, data, key):
+    server, local, ring = state.server, state.local, state.ring
+    num = local.params.shape[0]
     dl_keys, up_keys = _split_keys(participant_keys(key, num))
     up_lost, dl_lost = draw_losses(key, num, upload_loss, download_loss)
     stale = draw_staleness(jax.random.fold_in(key, _ASYNC_SALT), num,
                            staleness, max_s)
     # Slot 0 is the current server.
-    ring_params = ring["params"].at[0].set(server.params)
-    ring_stat = ring["stat"].at[0].set(server.stat)
+    ring_params = ring.params.at[0].set(server.params)
+    ring_stat = ring.stat.at[0].set(server.stat)
 
     def snapshot(s):
       return server_lib.ServerState(ring_params[s], ring_stat[s],
@@ -366,9 +417,9 @@ def asynchronous(update: Callable, download: server_lib.DownloadRule, *,
     if max_s == 0:
       masks = _masks(download, server, dl_keys, dl_lost)
       new_local, uploads, losses = map_participants(
-          update, (None, 0, 0, 0, 0, 0),
-          (server.params, masks, local, images, labels, up_keys),
-          axis.lowering, axis.mesh)
+          update, (None, 0, 0, 0, 0),
+          (server.params, masks, local, data, up_keys), axis.lowering,
+          axis.mesh)
     else:
       if download.uses_key:  # each participant draws its own mask
         masks = jax.vmap(lambda s, k: download.mask(snapshot(s), k))(
@@ -378,38 +429,39 @@ def asynchronous(update: Callable, download: server_lib.DownloadRule, *,
             jnp.arange(max_s + 1))[stale]
       masks = masks & ~dl_lost[:, None]
       new_local, uploads, losses = map_participants(
-          update, (0,) * 6,
-          (ring_params[stale], masks, local, images, labels, up_keys),
+          update, (0,) * 5,
+          (ring_params[stale], masks, local, data, up_keys),
           axis.lowering, axis.mesh)
-    server = _end(server_lib.apply_uploads(server, _drop(uploads, up_lost)),
-                  stat_decay, decay_every)
-    ring = {"params": jnp.concatenate([server.params[None], ring_params[:-1]]),
-            "stat": jnp.concatenate([server.stat[None], ring_stat[:-1]])}
-    return ({"server": server, "local": new_local, "ring": ring},
-            _stats(losses, uploads, masks, up_lost, dl_lost))
+    stats = _stats(losses, uploads, masks, up_lost, dl_lost)
+    server, agg = aggregation.apply(server, state.aggregation, stats.received,
+                                    example_weights(data))
+    server = _end(server, stat_decay, decay_every)
+    ring = Ring(jnp.concatenate([server.params[None], ring_params[:-1]]),
+                jnp.concatenate([server.stat[None], ring_stat[:-1]]))
+    return State(server, new_local, ring, agg), stats
 
   return Protocol(init, epoch, "async")
 
 
 def over_seeds(epoch_fn: Callable, lowering: str,
-                shared_data: bool = True) -> Callable:
-  """``epoch_fn(state, images, labels, key)`` over a leading seed axis.
+               shared_data: bool = True) -> Callable:
+  """``epoch_fn(state, data, key)`` over a leading seed axis.
 
   Args:
     epoch_fn: one run's epoch (a :class:`~dssgd_jax.protocols.Protocol`'s).
     lowering: ``vmap`` (batched) or ``map`` (``lax.map``: one seed after
       another inside one program).
-    shared_data: every seed trains on the same ``images``/``labels``
-      (otherwise they have a leading seed axis too).
+    shared_data: every seed trains on the same ``data`` (otherwise it has a
+      leading seed axis too).
 
   Returns:
-    ``(states (S, ...), images, labels, keys (S,)) -> (states, stats (S,
-    ...))``; seed s's slice equals ``epoch_fn`` on seed s's slices.
+    ``(states (S, ...), data, keys (S,)) -> (states, stats (S, ...))``; seed
+    s's slice equals ``epoch_fn`` on seed s's slices.
 
   >>> import jax.numpy as jnp
-  >>> def epoch(state, images, labels, key):  # a stand-in protocol epoch
-  ...   return state + images.sum() + key, key
-  >>> new, stats = over_seeds(epoch, "map")(jnp.zeros(3), jnp.ones(2), None,
+  >>> def epoch(state, data, key):  # a stand-in protocol epoch
+  ...   return state + data.sum() + key, key
+  >>> new, stats = over_seeds(epoch, "map")(jnp.zeros(3), jnp.ones(2),
   ...                                       jnp.arange(3.0))
   >>> new.tolist(), stats.tolist()
   ([2.0, 3.0, 4.0], [0.0, 1.0, 2.0])
@@ -417,14 +469,12 @@ def over_seeds(epoch_fn: Callable, lowering: str,
   if lowering not in ("vmap", "map"):
     raise ValueError(f"lowering={lowering!r} is not vmap or map")
 
-  def epoch(state, images, labels, keys):
+  def epoch(state, data, keys):
     if lowering == "vmap":
-      data_axis = None if shared_data else 0
-      return jax.vmap(epoch_fn, in_axes=(0, data_axis, data_axis, 0))(
-          state, images, labels, keys)
+      return jax.vmap(epoch_fn, in_axes=(0, None if shared_data else 0, 0))(
+          state, data, keys)
     if shared_data:
-      return jax.lax.map(lambda a: epoch_fn(a[0], images, labels, a[1]),
-                         (state, keys))
-    return jax.lax.map(lambda a: epoch_fn(*a), (state, images, labels, keys))
+      return jax.lax.map(lambda a: epoch_fn(a[0], data, a[1]), (state, keys))
+    return jax.lax.map(lambda a: epoch_fn(*a), (state, data, keys))
 
   return epoch

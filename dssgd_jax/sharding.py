@@ -1,9 +1,9 @@
 """The participant axis over devices: one mesh axis, ``participants``.
 
-Every per-participant array (the (P, D) local parameters, the (P, n, ...)
-private images and labels) is split over a 1-D :class:`jax.sharding.Mesh`
-along its leading axis; the server state and the async ring buffer are
-replicated. The epoch is one ``jit`` program: XLA's SPMD partitioner runs
+Every per-participant array (the (P, D) local parameters and their
+optimizers' states, the (P, n, ...) private data) is split over a 1-D
+:class:`jax.sharding.Mesh` along its leading axis; the server state, the
+aggregation's state and the async ring buffer are replicated. The epoch is one ``jit`` program: XLA's SPMD partitioner runs
 each device's participants locally (the participant axis is a batch axis of
 every matrix product, so there is no communication inside local training) and
 turns the server update (a scatter-add of every participant's sparse upload
@@ -83,20 +83,25 @@ class Placement:
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
 
-  def put_data(self, images, labels):
-    """Private data, split by participant."""
+  def put_data(self, data):
+    """Private data (a pytree with a leading participant axis), split by
+    participant."""
     if self.mesh is None:
-      return jax.numpy.asarray(images), jax.numpy.asarray(labels)
-    return (self._put(images, self.sharded(np.ndim(images))),
-            self._put(labels, self.sharded(np.ndim(labels))))
+      return jax.tree_util.tree_map(jax.numpy.asarray, data)
+    return jax.tree_util.tree_map(
+        lambda x: self._put(x, self.sharded(np.ndim(x))), data)
 
-  def state_shardings(self, state: dict) -> dict:
-    """Local parameters split by participant (one process); the rest whole."""
+  def state_shardings(self, state):
+    """Every participant's local state (the arrays under a ``local``
+    field) split by participant (one process); the rest whole."""
     rep = self.replicated()
-    out = jax.tree_util.tree_map(lambda _: rep, state)
-    if not self.multi_process:
-      out["local"] = self.sharded(2)
-    return out
+
+    def sharding(path, x):
+      if not self.multi_process and _under_local(path):
+        return self.sharded(np.ndim(x))
+      return rep
+
+    return jax.tree_util.tree_map_with_path(sharding, state)
 
   def put_state(self, state: dict) -> dict:
     if self.mesh is None:
@@ -106,37 +111,45 @@ class Placement:
             x, s), state, self.state_shardings(state))
 
   def jit_epoch(self, epoch_fn: Callable) -> Callable:
-    """``jax.jit`` of ``epoch_fn(state, images, labels, key) -> (state,
-    stats)`` that computes with the participant axis split over the mesh."""
+    """``jax.jit`` of ``epoch_fn(state, data, key) -> (state, stats)`` that
+    computes with the participant axis split over the mesh."""
     if self.mesh is None:
       return jax.jit(epoch_fn, donate_argnums=(0,))
-    part2 = self.sharded(2)
     rep = self.replicated()
 
-    def constrained(state, images, labels, key_data, impl):
+    def constrained(state, data, key_data, impl):
       key = jax.random.wrap_key_data(key_data, impl=impl)
-      state = dict(state)
-      state["local"] = jax.lax.with_sharding_constraint(state["local"], part2)
-      new_state, stats = epoch_fn(state, images, labels, key)
+      state = jax.tree_util.tree_map_with_path(
+          lambda path, x: jax.lax.with_sharding_constraint(
+              x, self.sharded(np.ndim(x))) if _under_local(path) else x,
+          state)
+      new_state, stats = epoch_fn(state, data, key)
       shardings = self.state_shardings(new_state)
       new_state = jax.lax.with_sharding_constraint(new_state, shardings)
       stats = jax.lax.with_sharding_constraint(
           stats, jax.tree_util.tree_map(lambda _: rep, stats))
       return new_state, stats
 
-    jitted = jax.jit(constrained, donate_argnums=(0,), static_argnums=(4,))
+    jitted = jax.jit(constrained, donate_argnums=(0,), static_argnums=(3,))
 
-    def run(state, images, labels, key):
+    def run(state, data, key):
       # A state read from a checkpoint arrives as plain host-side arrays;
       # the key travels as its raw data (replicated on every process).
-      data = jax.random.key_data(key)
+      key_data = jax.random.key_data(key)
       if self.multi_process:
-        data = self._put(data, rep)
-      return jitted(self.put_state(state), images, labels, data,
+        key_data = self._put(key_data, rep)
+      return jitted(self.put_state(state), data, key_data,
                     jax.random.key_impl(key))
 
     run.jitted = jitted
     return run
+
+
+def _under_local(path) -> bool:
+  """Whether a key path leads into a ``local`` field (the participants'
+  state, with a leading participant axis)."""
+  return any(getattr(k, "name", None) == "local" or
+             getattr(k, "key", None) == "local" for k in path)
 
 
 def placement(num_models: int, mesh_shape: int = 0) -> Placement:

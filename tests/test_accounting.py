@@ -37,7 +37,7 @@ def test_commands_start_without_dp_accounting():
   # run with noise, or a report, imports it, when it computes ε.
   code = ("import sys, dssgd_jax.main, dssgd_jax.flower.client_app; "
           "from dssgd_jax.run import build, config; "
-          "cfg = config.validate(config.Config(dataset='digits', "
+          "cfg = build.validate(config.Config(dataset='digits', "
           "model='digits_mlp', num_participants=3, "
           "samples_per_participant=10, "
           "batch_size=5)); "

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from dssgd_jax import protocols
+from dssgd_jax.run import build
 from dssgd_jax.run import config as config_lib
 from dssgd_jax.run import experiment
 
@@ -28,14 +29,23 @@ def _run(epochs=2, **kw):
 
 def _run_uncached(epochs, **kw):
   alg = kw.pop("algorithm", "dssgd")
-  cfg = config_lib.for_algorithm(config_lib.Config(**_BASE), alg, **kw)
-  if not (cfg.protocol == "async" and cfg.max_staleness == 0):
-    cfg = config_lib.validate(cfg)  # (the flags reject that reduction)
-  exp = experiment.setup(cfg)
+  # The flags reject these reductions (async without staleness is parallel,
+  # every upload lost is standalone): build them by hand.
+  by_hand = {}
+  if kw.get("protocol") == "async" and kw.get("max_staleness") == 0:
+    by_hand["max_staleness"], kw["max_staleness"] = 0, 1
+  if kw.get("upload_loss") == 1.0:
+    by_hand["upload_loss"], kw["upload_loss"] = 1.0, 0.5
+  if kw.get("download_loss") == 1.0:
+    by_hand["download_loss"], kw["download_loss"] = 1.0, 0.5
+  cfg = build.validate(build.for_algorithm(config_lib.Config(**_BASE), alg,
+                                           **kw))
+  plan = build.plan(cfg).replace(**by_hand)
+  exp = experiment.setup(plan)
   state = exp.init_state
   stats = None
   for e in range(1, epochs + 1):
-    state, stats = exp.epoch_fn(state, exp.images, exp.labels,
+    state, stats = exp.epoch_fn(state, exp.data,
                                 jax.random.fold_in(exp.train_key, e))
   acc, _ = exp.evaluate(state)
   return state, stats, acc
@@ -45,10 +55,10 @@ def test_async_without_staleness_or_loss_is_parallel():
   a_state, a_stats, a_acc = _run(protocol="async", max_staleness=0,
                                  upload_loss=0.0)
   p_state, p_stats, p_acc = _run(protocol="parallel")
-  np.testing.assert_allclose(a_state["local"], p_state["local"], rtol=1e-5,
+  np.testing.assert_allclose(a_state.protocol.local.params, p_state.protocol.local.params, rtol=1e-5,
                              atol=1e-6)
-  np.testing.assert_allclose(a_state["server"].params,
-                             p_state["server"].params, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(a_state.protocol.server.params,
+                             p_state.protocol.server.params, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(a_stats.uploaded, p_stats.uploaded)
   np.testing.assert_array_equal(a_stats.downloaded, p_stats.downloaded)
   np.testing.assert_allclose(a_acc, p_acc)
@@ -59,12 +69,12 @@ def test_async_with_every_exchange_lost_is_standalone():
                                  staleness="uniform", upload_loss=1.0,
                                  download_loss=1.0)
   s_state, _, s_acc = _run(algorithm="standalone", protocol="parallel")
-  np.testing.assert_allclose(a_state["local"], s_state["local"], rtol=1e-5,
+  np.testing.assert_allclose(a_state.protocol.local.params, s_state.protocol.local.params, rtol=1e-5,
                              atol=1e-6)
   np.testing.assert_allclose(a_acc, s_acc)
   # Nothing reached the server, nothing was downloaded.
-  np.testing.assert_array_equal(a_state["server"].params,
-                                s_state["server"].params)
+  np.testing.assert_array_equal(a_state.protocol.server.params,
+                                s_state.protocol.server.params)
   assert bool(jnp.all(a_stats.upload_lost))
   assert int(jnp.sum(a_stats.downloaded)) == 0
 
@@ -74,19 +84,19 @@ def test_lost_uploads_still_download():
   state, stats, _ = _run(protocol="async", max_staleness=1, upload_loss=1.0)
   assert bool(jnp.all(stats.upload_lost))
   assert int(jnp.min(stats.downloaded)) > 0
-  init = experiment.setup(config_lib.validate(config_lib.Config(
+  init = experiment.setup(build.validate(config_lib.Config(
       **_BASE, protocol="async", max_staleness=1))).init_state
-  np.testing.assert_array_equal(state["server"].params,
-                                init["server"].params)
+  np.testing.assert_array_equal(state.protocol.server.params,
+                                init.protocol.server.params)
 
 
 def test_async_stale_run_differs_from_parallel():
   a, stats_a, _ = _run(protocol="async", max_staleness=2,
                        staleness="geometric", upload_loss=0.3)
-  assert a["ring"]["params"].shape[0] == 3  # ring of max_staleness + 1
-  np.testing.assert_array_equal(a["ring"]["params"][0], a["server"].params)
+  assert a.protocol.ring.params.shape[0] == 3  # ring of max_staleness + 1
+  np.testing.assert_array_equal(a.protocol.ring.params[0], a.protocol.server.params)
   p, _, _ = _run(protocol="parallel")
-  assert not np.allclose(a["local"], p["local"])
+  assert not np.allclose(a.protocol.local.params, p.protocol.local.params)
   assert np.all(np.isfinite(np.asarray(stats_a.loss)))
 
 
@@ -95,7 +105,7 @@ def test_constant_staleness_trains_on_old_snapshots():
   # initial server, so epoch 2's downloads ignore epoch 1's uploads.
   state, _, _ = _run(epochs=2, protocol="async", max_staleness=1,
                      staleness="constant")
-  ring = np.asarray(state["ring"]["params"])
+  ring = np.asarray(state.protocol.ring.params)
   assert ring.shape[0] == 2
   assert not np.allclose(ring[0], ring[1])
 
@@ -118,7 +128,7 @@ def test_resumed_async_run_is_deterministic(tmp_path):
   kw = dict(protocol="async", max_staleness=1, staleness="uniform",
             upload_loss=0.2)
   _, _, acc = _run(**kw)
-  cfg = config_lib.validate(config_lib.Config(
+  cfg = build.validate(config_lib.Config(
       **{**_BASE, **kw, "workdir": str(tmp_path), "epochs": 1}))
   experiment.run(cfg, log=lambda m: None)
   resumed = experiment.run(cfg.replace(epochs=2), log=lambda m: None)

@@ -17,6 +17,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from dssgd_jax.tools import audit
+from dssgd_jax.run import build
 from dssgd_jax.run import config as config_lib
 from dssgd_jax.run import experiment
 
@@ -113,7 +114,7 @@ def test_choose_examples_balanced_and_deterministic():
 
 
 def _run(path, **kw):
-  cfg = config_lib.validate(config_lib.Config(workdir=str(path),
+  cfg = build.validate(config_lib.Config(workdir=str(path),
                                               **dict(TINY, **kw)))
   experiment.run(cfg)
   return cfg
@@ -190,7 +191,7 @@ def test_cli(tmp_path, overfit_run):
 
 def test_reproduce_audit_adds_columns(tmp_path):
   from dssgd_jax.tools import reproduce  # pylint: disable=g-import-not-at-top
-  base = config_lib.validate(config_lib.Config(
+  base = build.validate(config_lib.Config(
       workdir=str(tmp_path), num_participants=3, samples_per_participant=30,
       epochs=1, learning_rate=0.1, **TINY))
   table = reproduce.reproduce(base, upload_fractions=[],

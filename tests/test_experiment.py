@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from dssgd_jax.run import build
+
 from dssgd_jax.run import config as config_lib
 from dssgd_jax.run import experiment
 
@@ -33,7 +35,7 @@ def _strip(rows):
 
 
 def test_run_writes_config_and_metrics(tmp_path):
-  cfg = config_lib.validate(config_lib.Config(workdir=str(tmp_path), **TINY))
+  cfg = build.validate(config_lib.Config(workdir=str(tmp_path), **TINY))
   summary = experiment.run(cfg)
   rows = _metrics(tmp_path)
   assert [r["epoch"] for r in rows] == [1, 2, 3]
@@ -51,7 +53,7 @@ def test_run_writes_config_and_metrics(tmp_path):
 
 
 def test_same_seed_same_metrics(tmp_path):
-  a = config_lib.validate(config_lib.Config(workdir=str(tmp_path / "a"),
+  a = build.validate(config_lib.Config(workdir=str(tmp_path / "a"),
                                             **TINY))
   b = a.replace(workdir=str(tmp_path / "b"))
   experiment.run(a)
@@ -63,7 +65,7 @@ def test_same_seed_same_metrics(tmp_path):
 
 
 def test_centralized_reports_the_one_model(tmp_path):
-  cfg = config_lib.validate(config_lib.Config(
+  cfg = build.validate(config_lib.Config(
       workdir=str(tmp_path), algorithm="centralized", **TINY))
   experiment.run(cfg)
   for r in _metrics(tmp_path):
@@ -111,7 +113,7 @@ def test_ctrl_c_while_writing_events_waits_for_the_epochs_writes(
         os.kill(os.getpid(), signal.SIGINT)
 
   monkeypatch.setattr(tensorboardx, "SummaryWriter", InterruptedWriter)
-  cfg = config_lib.validate(config_lib.Config(
+  cfg = build.validate(config_lib.Config(
       workdir=str(tmp_path), **{**TINY, "epochs": 5}))
   with pytest.raises(Interrupted) as e:
     experiment.run(cfg)

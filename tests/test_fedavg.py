@@ -16,6 +16,8 @@ import os
 import numpy as np
 import pytest
 
+from dssgd_jax.run import build
+
 from dssgd_jax.run import config as config_lib
 from dssgd_jax.run import experiment
 from dssgd_jax.errors import ConfigError
@@ -40,7 +42,7 @@ def _state(cfg):
 
 @pytest.fixture(scope="module")
 def fedavg_run(tmp_path_factory):
-  cfg = config_lib.validate(config_lib.Config(
+  cfg = build.validate(config_lib.Config(
       workdir=str(tmp_path_factory.mktemp("fedavg")), algorithm="fedavg",
       protocol="parallel", batch_size=40, **TINY))
   experiment.run(cfg)
@@ -49,15 +51,15 @@ def fedavg_run(tmp_path_factory):
 
 def test_full_batch_fedavg_is_centralized_gradient_descent(fedavg_run,
                                                            tmp_path):
-  central = config_lib.validate(config_lib.Config(
+  central = build.validate(config_lib.Config(
       workdir=str(tmp_path), algorithm="centralized", batch_size=4 * 40,
       **TINY))
   experiment.run(central)
-  w_fedavg = np.asarray(_state(fedavg_run)["server"].params)
-  w_central = np.asarray(_state(central)["local"][0])
+  w_fedavg = np.asarray(_state(fedavg_run).protocol.server.params)
+  w_central = np.asarray(_state(central).protocol.local.params[0])
   np.testing.assert_allclose(w_fedavg, w_central, rtol=2e-4, atol=2e-6)
   # The models did move (not a trivial equality of initial vectors).
-  init = np.asarray(experiment.setup(central).init_state["local"][0])
+  init = np.asarray(experiment.setup(central).init_state.protocol.local.params[0])
   assert np.abs(w_central - init).max() > 1e-3
   fed = [r["server_accuracy"] for r in _metrics(fedavg_run.workdir)]
   cen = [r["participant_accuracy_mean"] for r in _metrics(tmp_path)]
@@ -66,8 +68,8 @@ def test_full_batch_fedavg_is_centralized_gradient_descent(fedavg_run,
 
 def test_fedavg_server_is_mean_of_participants_and_costs_dense(fedavg_run):
   state = _state(fedavg_run)
-  np.testing.assert_allclose(np.asarray(state["server"].params),
-                             np.asarray(state["local"]).mean(0), rtol=1e-5,
+  np.testing.assert_allclose(np.asarray(state.protocol.server.params),
+                             np.asarray(state.protocol.local.params).mean(0), rtol=1e-5,
                              atol=1e-6)
   rows = _metrics(fedavg_run.workdir)
   d = rows[0]["num_params"]
@@ -85,9 +87,9 @@ def test_fedavg_server_is_mean_of_participants_and_costs_dense(fedavg_run):
 
 def test_fedavg_flags():
   with pytest.raises(ConfigError, match="--protocol=async"):
-    config_lib.validate(config_lib.Config(algorithm="fedavg",
+    build.validate(config_lib.Config(algorithm="fedavg",
                                           protocol="async", **TINY))
   with pytest.raises(ConfigError, match="--noise"):
-    config_lib.validate(config_lib.Config(
+    build.validate(config_lib.Config(
         algorithm="fedavg", protocol="parallel", noise="laplace",
         noise_scale=1.0, **TINY))

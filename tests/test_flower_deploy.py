@@ -206,7 +206,10 @@ def _metrics(workdir):
 
 def _server_params(workdir):
   with np.load(os.path.join(workdir, experiment.CHECKPOINT)) as z:
-    return z["state['server'].params"], int(z["epoch"])
+    # The simulation stores the run's state, the deployed server its own.
+    name = next(n for n in ("state.protocol.server.params",
+                            "state['server'].params") if n in z.files)
+    return z[name], int(z["epoch"])
 
 
 def _assert_same_run(deployed, simulated):

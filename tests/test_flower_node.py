@@ -51,7 +51,7 @@ def _drive(co, parts, cfg, epochs):
 @pytest.mark.parametrize("protocol,theta_d", [("round_robin", 1.0),
                                               ("parallel", 0.5)])
 def test_deployed_pieces_equal_the_simulation(tmp_path, protocol, theta_d):
-  cfg = config_lib.validate(config_lib.Config(
+  cfg = build.validate(config_lib.Config(
       **TINY, protocol=protocol, download_fraction=theta_d,
       workdir=str(tmp_path / "sim")))
   experiment.run(cfg)
@@ -60,15 +60,15 @@ def test_deployed_pieces_equal_the_simulation(tmp_path, protocol, theta_d):
       os.path.join(cfg.workdir, experiment.CHECKPOINT), exp.init_state,
       exp.train_key)
   co = coordinator.Coordinator(cfg)
-  np.testing.assert_array_equal(co.initial, exp.init_state["server"].params)
+  np.testing.assert_array_equal(co.initial, exp.init_state.protocol.server.params)
   parts = [_participant(cfg, i, tmp_path / f"p{i}", seed=cfg.seed)
            for i in range(3)]
   _drive(co, parts, cfg, 2)
-  np.testing.assert_allclose(co.state.params, state["server"].params,
+  np.testing.assert_allclose(co.state.params, state.protocol.server.params,
                              rtol=1e-6, atol=1e-7)
-  np.testing.assert_allclose(co.state.stat, state["server"].stat)
+  np.testing.assert_allclose(co.state.stat, state.protocol.server.stat)
   for i, p in enumerate(parts):
-    np.testing.assert_allclose(p.load_model(2), state["local"][i],
+    np.testing.assert_allclose(p.load_model(2), state.protocol.local.params[i],
                                rtol=1e-6, atol=1e-7)
   with open(os.path.join(cfg.workdir, experiment.METRICS)) as f:
     last = [json.loads(l) for l in f][-1]
@@ -76,7 +76,7 @@ def test_deployed_pieces_equal_the_simulation(tmp_path, protocol, theta_d):
       last["participant_accuracy_mean"])
   # Only epochs e-1 and e are kept on the participant's disk.
   assert sorted(n for n in os.listdir(tmp_path / "p0")
-                if n.endswith(".npy")) == ["local_1.npy", "local_2.npy"]
+                if n.startswith("local_")) == ["local_1.npz", "local_2.npz"]
 
 
 OPEN = node.Policy(require_guarantee=False, report_metrics=True,
@@ -88,7 +88,7 @@ def _participant(cfg, i, path, policy=OPEN, **kw):
 
 
 def test_ledger_charges_every_run_of_the_mechanism(tmp_path):
-  cfg = config_lib.validate(config_lib.Config(
+  cfg = build.validate(config_lib.Config(
       **TINY, noise="laplace", noise_scale=0.5, clip_bound=0.01,
       selection="random", workdir=str(tmp_path / "w")))
   co = coordinator.Coordinator(cfg)
@@ -129,7 +129,7 @@ def test_ledger_charges_every_run_of_the_mechanism(tmp_path):
 def test_an_svt_epoch_that_releases_nothing_is_charged(tmp_path):
   # τ far above any |Δw|: the SVT releases nothing, yet it looked at the
   # data every epoch. The ledger equals rules.claim for the epochs that ran.
-  cfg = config_lib.validate(config_lib.Config(
+  cfg = build.validate(config_lib.Config(
       **TINY, noise="svt", epsilon=1000.0, clip_bound=0.01, threshold=1e6,
       workdir=str(tmp_path / "w")))
   co = coordinator.Coordinator(cfg)
@@ -148,7 +148,7 @@ def test_an_svt_epoch_that_releases_nothing_is_charged(tmp_path):
 
 def test_policy_refusals(tmp_path):
   base = dict(TINY, workdir=str(tmp_path / "w"))
-  noiseless = config_lib.validate(config_lib.Config(**base))
+  noiseless = build.validate(config_lib.Config(**base))
   co = coordinator.Coordinator(noiseless)
   idx, val = co.download_for(0, co.download_keys(1)[0])
   p = node.Participant(noiseless, 0, str(tmp_path / "a"))  # default policy
@@ -157,11 +157,11 @@ def test_policy_refusals(tmp_path):
   assert out.refused and "gives no differential-privacy guarantee" in (
       out.refused) and out.indices is None
   assert lines == [out.refused]
-  assert not os.path.exists(tmp_path / "a" / "local_1.npy")  # never trained
+  assert not os.path.exists(tmp_path / "a" / "local_1.npz")  # never trained
   assert p.ledger()[0]["refused"] == out.refused
   assert not p.ledger()[0]["charged"]
   # A budget: ε = 4 per epoch (SVT), budget 10: epochs 1-2 run, 3 refused.
-  svt = config_lib.validate(config_lib.Config(
+  svt = build.validate(config_lib.Config(
       **base, noise="svt", epsilon=4.0, clip_bound=0.01, threshold=0.001))
   q = node.Participant(svt, 0, str(tmp_path / "b"))
   got = [q.visit(e, idx, val, init=co.initial) for e in (1, 2, 3)]
@@ -169,11 +169,11 @@ def test_policy_refusals(tmp_path):
   assert "over its budget of ε = 10" in got[2].refused
   assert q.spent()[0] == 8.0
   # The budget is the machine's: another run on the same ledger has 2 left.
-  other = config_lib.validate(svt.replace(seed=9))
+  other = build.validate(svt.replace(seed=9))
   r = node.Participant(other, 0, str(tmp_path / "c"),
                        ledger_path=q.ledger_path, run_id="other")
   assert r.visit(1, idx, val, init=co.initial).refused
-  small = config_lib.validate(svt.replace(seed=9, epsilon=2.0))
+  small = build.validate(svt.replace(seed=9, epsilon=2.0))
   s = node.Participant(small, 0, str(tmp_path / "d"),
                        ledger_path=q.ledger_path, run_id="small")
   assert s.visit(1, idx, val, init=co.initial).refused is None
@@ -196,7 +196,7 @@ def test_default_reply_carries_only_upload_and_protocol_fields(tmp_path):
       (dict(), {wire.METRICS: {"partition_id", "epoch"},
                 wire.CONFIG: {"refused"}}),  # no guarantee: refused
   ]:
-    cfg = config_lib.validate(config_lib.Config(
+    cfg = build.validate(config_lib.Config(
         **TINY, workdir=str(tmp_path / "w"), **over))
     co = coordinator.Coordinator(cfg)
     idx, val = co.download_for(1, co.download_keys(1)[1])
@@ -214,7 +214,7 @@ def test_default_reply_carries_only_upload_and_protocol_fields(tmp_path):
 
 
 def test_own_data_dir(tmp_path):
-  cfg = config_lib.validate(config_lib.Config(**TINY,
+  cfg = build.validate(config_lib.Config(**TINY,
                                               workdir=str(tmp_path / "w")))
   from dssgd_jax.data import load_dataset  # pylint: disable=g-import-not-at-top
   raw = load_dataset("digits")

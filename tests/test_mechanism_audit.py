@@ -147,7 +147,7 @@ def test_every_cli_chain_has_a_bound_below_its_claim():
   chains, without = {}, {}
   for over in _cli_configs():
     try:
-      cfg = config_lib.validate(config_lib.Config(**over))
+      cfg = build.validate(config_lib.Config(**over))
     except config_lib.ConfigError:
       continue  # a combination the command line rejects
     rule = build.upload_rule(cfg, D)
@@ -156,7 +156,7 @@ def test_every_cli_chain_has_a_bound_below_its_claim():
       chains[repr(rule)] = rule
     else:
       without.setdefault(claim.reason.split(" ")[0], rule)
-  assert len(chains) >= 8 and len(without) >= 4, (chains, without)
+  assert len(chains) >= 8 and len(without) >= 3, (chains, without)
   for rule in list(chains.values()) + list(without.values()):
     res = mechanism_audit.audit_rule(rule, D, trials=40_000,
                                      pilot_trials=8_000, confidence=0.99)

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from dssgd_jax import models
@@ -21,6 +22,7 @@ from dssgd_jax import participant
 from dssgd_jax import protocols
 from dssgd_jax import rules
 from dssgd_jax import server as server_lib
+from dssgd_jax.participant import ParticipantData
 
 P, N, BATCH, LR = 3, 4, 2, 0.1
 
@@ -55,16 +57,21 @@ def _check_participant_axis(name, lowering):
   x, y = _data(shape)
   keys = jax.random.split(jax.random.key(3), P)
 
-  epoch = participant.make_local_epoch(fast.apply, unravel, BATCH)
+  trainer = participant.make_trainer(fast.apply, unravel, BATCH,
+                                     optax.sgd(LR))
   got, got_loss = jax.jit(lambda *a: protocols.map_participants(
-      epoch, (0, 0, 0, 0, None), a, lowering))(local, x, y, keys, LR)
+      trainer.epoch, (0, 0, 0, 0), a, lowering))(
+          jax.vmap(trainer.init)(local), x, y, keys)
+  got = got.params
 
   plain = models.get_model(name, conv_impl="xla")
   with mock.patch.object(models, "_pool", _flax_pool):
-    ref_epoch = jax.jit(participant.make_local_epoch(plain.apply, unravel,
-                                                     BATCH))
-    want = [ref_epoch(local[i], x[i], y[i], keys[i], LR) for i in range(P)]
-  want_flat = np.stack([np.asarray(w[0]) for w in want])
+    ref = participant.make_trainer(plain.apply, unravel, BATCH,
+                                   optax.sgd(LR))
+    ref_epoch = jax.jit(ref.epoch)
+    want = [ref_epoch(ref.init(local[i]), x[i], y[i], keys[i])
+            for i in range(P)]
+  want_flat = np.stack([np.asarray(w[0].params) for w in want])
   assert not np.allclose(want_flat, np.asarray(local))  # it did train
   np.testing.assert_allclose(got, want_flat, rtol=1e-4, atol=2e-6)
   np.testing.assert_allclose(got_loss, [float(w[1]) for w in want],
@@ -79,26 +86,30 @@ def test_parallel_epoch_matches_participants_one_by_one(lowering):
   flat, unravel = participant.flatten_params(
       models.init_params(model, shape, jax.random.key(1)))
   d = flat.shape[0]
-  update = participant.make_update(
-      participant.make_local_epoch(model.apply, unravel, BATCH),
-      rules.chain(rules.select_largest(d // 10)), LR)
+  trainer = participant.make_trainer(model.apply, unravel, BATCH,
+                                     optax.sgd(LR))
+  update = participant.make_update(trainer,
+                                   rules.chain(rules.select_largest(d // 10)))
   proto = protocols.parallel(update, server_lib.download_all(),
                              axis=protocols.ParticipantAxis(lowering))
   x, y = _data(shape)
   local = jnp.tile(flat[None], (P, 1))
   srv = server_lib.init(flat)
   key = jax.random.key(4)
-  fast, stats = jax.jit(proto.epoch)(proto.init(srv, local), x, y, key)
-  fast_srv, fast_local = fast["server"], fast["local"]
+  fast, stats = jax.jit(proto.epoch)(
+      proto.init(srv, jax.vmap(trainer.init)(local)), ParticipantData(x, y),
+      key)
+  fast_srv, fast_local = fast.server, fast.local.params
 
   single = jax.jit(update)
   keys = protocols.participant_keys(key, P)
   ref_local, ups = [], []
   for i in range(P):
     k_up = jax.random.split(keys[i])[1]
-    new, up, _ = single(srv.params, jnp.ones((d,), bool), local[i], x[i],
-                        y[i], k_up)
-    ref_local.append(new)
+    new, up, _ = single(srv.params, jnp.ones((d,), bool),
+                        trainer.init(local[i]), ParticipantData(x[i], y[i]),
+                        k_up)
+    ref_local.append(new.params)
     ups.append(up)
   ref_srv = srv
   for up in ups:

@@ -27,8 +27,10 @@ from cli_helpers import jit_env
 from dssgd_jax.tools import audit
 from dssgd_jax.run import figures as plot
 from dssgd_jax.errors import UserError
+from dssgd_jax.run import build
 from dssgd_jax.run import config as config_lib
 from dssgd_jax.run import experiment
+from dssgd_jax.run import outputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 READONLY_ENV = "DSSGD_TEST_READONLY_DIR"
@@ -134,7 +136,7 @@ def sweep(tmp_path_factory):
   has its figures and an audit.json already."""
   path = tmp_path_factory.mktemp("sweep")
   workdir = str(path / "run")
-  experiment.run(config_lib.validate(config_lib.Config(
+  experiment.run(build.validate(config_lib.Config(
       dataset="digits", model="digits_mlp", num_participants=3,
       samples_per_participant=30, batch_size=10, epochs=1, eval_examples=60,
       progress=False, workdir=workdir)))
@@ -193,7 +195,7 @@ def test_plot_run_raises_a_user_error_naming_the_file(sweep, read_only):
   assert str(e.value) == f"Cannot write {figure}: {EROFS_TEXT}."
   # experiment.run draws the figures last and only warns when it cannot.
   logged = []
-  experiment._draw_figures(workdir, logged.append)  # pylint: disable=protected-access
+  outputs.draw_figures(workdir, logged.append)
   assert len(logged) == 1 and logged[0].startswith("warning: ")
   assert figure in logged[0] and EROFS_TEXT in logged[0]
   assert _snapshot(sweep) == before
@@ -230,7 +232,7 @@ def test_audit_write_result_raises_a_user_error_naming_the_file(sweep,
 def test_audit_cli_prints_the_report_then_one_error_line(patch_dir, sweep):
   workdir = str(sweep / "run")
   path = os.path.join(workdir, audit.AUDIT_FILE)
-  header = f"Membership-inference audit of {workdir} "
+  header = f"Audit of {workdir} "
   before = _snapshot(sweep)
 
   out = _run_read_only(patch_dir, sweep, "dssgd_jax.audit", workdir)

@@ -4,6 +4,8 @@ import os
 
 import pytest
 
+from dssgd_jax.run import build
+
 from dssgd_jax.run import config as config_lib
 from dssgd_jax.run import experiment
 
@@ -15,7 +17,7 @@ FASHION_DIR = "/usr/share/datasets/fashion-mnist"
     reason="Debian's dataset-fashion-mnist is not installed "
            "(apt-get install dataset-fashion-mnist)")
 def test_short_dssgd_run_on_fashion_mnist_beats_chance(tmp_path):
-  cfg = config_lib.validate(config_lib.Config(
+  cfg = build.validate(config_lib.Config(
       workdir=str(tmp_path), dataset="fashion_mnist", model="mnist_mlp",
       data_source="files", num_participants=5, samples_per_participant=200,
       epochs=3, batch_size=16, learning_rate=0.05, upload_fraction=0.1,

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from dssgd_jax.run import build
+
 from dssgd_jax.run import config as config_lib
 from dssgd_jax.tools import reproduce
 from dssgd_jax.tools import sweep as sweep_lib
@@ -98,7 +100,7 @@ def test_table_figures_results_and_a_rerun_that_skips(tmp_path, env):
 def test_a_diverging_row_is_reported_and_the_sweep_goes_on(tmp_path):
   # Huge upload noise overflows the server's vector after epoch 1, so DSSGD
   # diverges in epoch 2; the standalone baseline runs without noise.
-  base = config_lib.validate(config_lib.Config(
+  base = build.validate(config_lib.Config(
       workdir=str(tmp_path), dataset="digits", model="digits_mlp",
       num_participants=3, samples_per_participant=30, batch_size=10,
       learning_rate=0.1, epochs=2, eval_examples=60, protocol="parallel",
@@ -121,7 +123,7 @@ def test_a_diverging_row_is_reported_and_the_sweep_goes_on(tmp_path):
 
 
 def test_completeness_follows_the_requested_epochs(tmp_path):
-  base = config_lib.validate(config_lib.Config(
+  base = build.validate(config_lib.Config(
       workdir=str(tmp_path), dataset="digits", num_participants=4,
       samples_per_participant=50, epochs=3))
   _, _, runs = reproduce.plan(base, [], [], ["0.1"], [])
@@ -140,7 +142,7 @@ def test_completeness_follows_the_requested_epochs(tmp_path):
 
 
 def test_plan_rows_columns_and_overrides(tmp_path):
-  base = config_lib.validate(config_lib.Config(
+  base = build.validate(config_lib.Config(
       workdir=str(tmp_path), dataset="digits", num_participants=4,
       samples_per_participant=50, noise="laplace", noise_scale=1e-3))
   rows, columns, runs = reproduce.plan(
@@ -171,7 +173,7 @@ def test_plan_rows_columns_and_overrides(tmp_path):
     (([], [], [], []), "--upload_fractions"),
 ])
 def test_bad_sweep_flags(lists, flag, tmp_path):
-  base = config_lib.validate(config_lib.Config(
+  base = build.validate(config_lib.Config(
       workdir=str(tmp_path), dataset="digits", num_participants=4,
       samples_per_participant=50))
   with pytest.raises(ConfigError, match=flag):
@@ -188,7 +190,7 @@ def test_bad_sweep_flag_through_the_cli(tmp_path, env):
 
 
 def test_paper_column_for_svhn():
-  base = config_lib.validate(config_lib.Config(
+  base = build.validate(config_lib.Config(
       workdir="/nonexistent", dataset="svhn_cropped", num_participants=4,
       samples_per_participant=50))
   rows, columns, runs = reproduce.plan(base, [], [], ["0.1", "0.01"],

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from dssgd_jax.errors import ConfigError
+from dssgd_jax.run import build
 from dssgd_jax.run import config as config_lib
 from dssgd_jax.run import experiment
 
@@ -45,11 +46,11 @@ def _final(workdir, cfg):
   state, _ = experiment.load_checkpoint(
       os.path.join(workdir, experiment.CHECKPOINT), exp.init_state,
       exp.train_key)
-  return np.asarray(state["local"]), np.asarray(state["server"].params)
+  return np.asarray(state.protocol.local.params), np.asarray(state.protocol.server.params)
 
 
 def _run(tmp_path, name, **flags):
-  cfg = config_lib.validate(config_lib.Config(
+  cfg = build.validate(config_lib.Config(
       **{**TINY, **flags, "workdir": str(tmp_path / name)}))
   summary = experiment.run(cfg)
   return cfg, summary
@@ -103,9 +104,9 @@ def test_vary_partition_gives_each_seed_its_split(tmp_path):
   cfg, _ = _run(tmp_path, "vary", protocol="parallel", num_seeds=2,
                 vary_partition=True, eval_examples=0)
   exp = experiment.setup(cfg)
-  assert exp.images.shape[0] == 2  # a data axis per seed
-  assert not np.array_equal(np.asarray(exp.labels[0]),
-                            np.asarray(exp.labels[1]))
+  assert exp.data.images.shape[0] == 2  # a data axis per seed
+  assert not np.array_equal(np.asarray(exp.data.labels[0]),
+                            np.asarray(exp.data.labels[1]))
   rows = _metrics(cfg.workdir)
   for s in range(2):
     one, _ = _run(tmp_path, f"vary{s}", protocol="parallel", seed=SEED + s,
@@ -149,4 +150,4 @@ def test_seed_flags_are_checked():
                        (dict(vary_partition=True), "--vary_partition"),
                        (dict(data_seed=-1), "--data_seed")]:
     with pytest.raises(ConfigError, match=needle):
-      config_lib.validate(base.replace(**over))
+      build.validate(base.replace(**over))

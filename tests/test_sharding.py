@@ -15,6 +15,8 @@ import jax
 import numpy as np
 import pytest
 
+from dssgd_jax.run import build
+
 from dssgd_jax.run import config as config_lib
 from dssgd_jax.run import experiment
 from dssgd_jax import sharding
@@ -36,18 +38,18 @@ def train_and_measure(kw):
   The one loop behind both sides of the comparison: called here for the
   one-device reference and by ``_WORKER`` in the 8-device subprocess.
   """
-  cfg = config_lib.validate(config_lib.Config(**{**_COMMON, **kw}))
+  cfg = build.validate(config_lib.Config(**{**_COMMON, **kw}))
   exp = experiment.setup(cfg)
   st = exp.init_state
   for e in range(1, cfg.epochs + 1):
-    st, stats = exp.epoch_fn(st, exp.images, exp.labels,
+    st, stats = exp.epoch_fn(st, exp.data,
                              jax.random.fold_in(exp.train_key, e))
   acc, server_acc = exp.evaluate(st)
   return {"acc": np.asarray(acc).tolist(), "server": server_acc,
           "loss": np.asarray(stats.loss).tolist(),
           "uploaded": np.asarray(stats.uploaded).tolist(),
-          "local": np.asarray(st["local"]).sum(axis=1).tolist(),
-          "spec": str(getattr(exp.images, "sharding", ""))}
+          "local": np.asarray(st.protocol.local.params).sum(axis=1).tolist(),
+          "spec": str(getattr(exp.data.images, "sharding", ""))}
 
 
 _WORKER = r"""
@@ -88,7 +90,8 @@ def test_eight_devices_match_one_device():
       assert g["server"] == pytest.approx(ref["server"], abs=1e-6)
     np.testing.assert_allclose(g["loss"], ref["loss"], rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(g["uploaded"], ref["uploaded"])
-    np.testing.assert_allclose(g["local"], ref["local"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(g["local"], ref["local"], rtol=1e-4,
+                               atol=1e-4)
 
 
 def _free_port():
@@ -144,7 +147,7 @@ def test_two_processes_share_one_workdir_and_resume(tmp_path):
   for code, err in _two_processes(shared, 3):
     assert code == 0, err[-3000:]
   assert not list(shared.glob("*.tmp"))
-  single = config_lib.validate(config_lib.Config(
+  single = build.validate(config_lib.Config(
       **{**_COMMON, "model": "digits_mlp", "protocol": "parallel",
          "epochs": 3, "workdir": str(tmp_path / "single")}))
   experiment.run(single, log=lambda m: None)
@@ -197,4 +200,4 @@ def test_cpu_devices_flag_sets_xla_flags_once(monkeypatch):
                                          ("cpu_devices", -1)])
 def test_bad_device_flags_are_config_errors(flag, value):
   with pytest.raises(ConfigError, match=f"--{flag}"):
-    config_lib.validate(config_lib.Config(**{flag: value}))
+    build.validate(config_lib.Config(**{flag: value}))

@@ -9,6 +9,7 @@ import pytest
 from dssgd_jax.tools import privacy_table
 from dssgd_jax.tools import sweep
 from dssgd_jax.errors import ConfigError
+from dssgd_jax.run import build
 from dssgd_jax.run import config as config_lib
 
 TINY = dict(dataset="digits", model="digits_mlp", num_participants=3,
@@ -19,7 +20,7 @@ SVT = dict(svt_upload_fraction=0.01, svt_clip_bound=0.01,
 
 
 def _base(tmp_path, **kw):
-  return config_lib.validate(config_lib.Config(
+  return build.validate(config_lib.Config(
       workdir=str(tmp_path), **{**TINY, "epochs": 2, **kw}))
 
 

@@ -1,10 +1,13 @@
 """Partitions of a training set over participants (SPEC section 5).
 
-Every partition returns an int32 array of shape (num_participants,
-samples_per_participant) of indices into the training set. Rows are disjoint,
-every participant gets exactly ``samples_per_participant`` examples (the engine
-stacks them into one rectangular array), and the result is a deterministic
-function of the seed.
+Every partition returns an int32 array of shape (num_participants, n) of
+indices into the training set. Rows are disjoint and the result is a
+deterministic function of the seed. ``samples_per_participant`` is one n for
+everyone, or each participant's own size (unequal participants,
+:func:`skewed_sizes`); then rows are padded to the largest size with
+:data:`PAD` (-1) after each participant's own examples, and
+:func:`counts` gives each row's number of examples. With equal sizes the
+partitions are what they always were.
 
 * :func:`iid`: a uniformly random subset, cut into equal shards.
 * :func:`shards`: pathological non-IID (McMahan et al. 2017). A random subset
@@ -28,17 +31,65 @@ import numpy as np
 from dssgd_jax.errors import DataError
 
 PARTITIONS = ("iid", "shards", "dirichlet")
+PAD = -1  # the index of a padding slot
+
+
+def skewed_sizes(num_participants: int, mean_size: int, sigma: float,
+                 seed: int) -> list[int]:
+  """Unequal sizes with a fixed total: ``N·n`` examples split in proportion
+  to ``exp(σ z_i)``, z_i ~ N(0, 1) (log-normal, as LEAF-style federated
+  benchmarks), rounded by largest remainder, each at least 1.
+
+  >>> s = skewed_sizes(5, 100, 1.0, seed=0)
+  >>> sum(s), min(s) >= 1, len(set(s)) > 1
+  (500, True, True)
+  >>> skewed_sizes(3, 10, 0.0, seed=0)
+  [10, 10, 10]
+  """
+  n, total = int(num_participants), int(num_participants) * int(mean_size)
+  z = np.random.default_rng((int(seed), 0x5153)).standard_normal(n)
+  raw = total * np.exp(float(sigma) * z) / np.exp(float(sigma) * z).sum()
+  sizes = np.floor(raw).astype(np.int64)
+  for i in np.argsort(-(raw - sizes), kind="stable")[:total - sizes.sum()]:
+    sizes[i] += 1
+  while sizes.min() < 1:  # take from the largest
+    sizes[np.argmin(sizes)] += 1
+    sizes[np.argmax(sizes)] -= 1
+  return [int(x) for x in sizes]
+
+
+def counts(parts: np.ndarray) -> np.ndarray:
+  """(N,) each participant's number of examples in a partition."""
+  return np.sum(np.asarray(parts) != PAD, axis=1).astype(np.int32)
+
+
+def _sizes(num_participants, samples_per_participant) -> np.ndarray:
+  if np.ndim(samples_per_participant) == 0:
+    return np.full(num_participants, int(samples_per_participant), np.int64)
+  sizes = np.asarray(samples_per_participant, np.int64)
+  if sizes.shape != (num_participants,):
+    raise DataError(f"{len(sizes)} sizes for --num_participants="
+                    f"{num_participants}.")
+  return sizes
+
+
+def _padded(rows: list[np.ndarray]) -> np.ndarray:
+  out = np.full((len(rows), max(len(r) for r in rows)), PAD, np.int32)
+  for i, r in enumerate(rows):
+    out[i, :len(r)] = r
+  return out
 
 
 def _check_sizes(num_examples: int, num_participants: int,
-                 samples_per_participant: int) -> None:
+                 samples_per_participant) -> None:
   if num_participants < 1:
     raise DataError(f"--num_participants={num_participants} must be at "
                     "least 1.")
-  if samples_per_participant < 1:
+  sizes = _sizes(num_participants, samples_per_participant)
+  if sizes.min() < 1:
     raise DataError(f"--samples_per_participant={samples_per_participant} "
                     "must be at least 1.")
-  need = num_participants * samples_per_participant
+  need = int(sizes.sum())
   if need > num_examples:
     raise DataError(
         f"--num_participants={num_participants} x --samples_per_participant="
@@ -54,10 +105,12 @@ def iid(labels: np.ndarray, num_participants: int, samples_per_participant: int,
   (2, 3)
   """
   _check_sizes(len(labels), num_participants, samples_per_participant)
-  need = num_participants * samples_per_participant
+  sizes = _sizes(num_participants, samples_per_participant)
+  need = int(sizes.sum())
   perm = np.random.default_rng(seed).permutation(len(labels))[:need]
-  return perm.reshape(num_participants,
-                      samples_per_participant).astype(np.int32)
+  if np.all(sizes == sizes[0]):
+    return perm.reshape(num_participants, int(sizes[0])).astype(np.int32)
+  return _padded(np.split(perm, np.cumsum(sizes)[:-1]))
 
 
 def shards(labels: np.ndarray, num_participants: int,
@@ -82,28 +135,33 @@ def shards(labels: np.ndarray, num_participants: int,
   """
   labels = np.asarray(labels)
   _check_sizes(len(labels), num_participants, samples_per_participant)
-  s, n = int(shards_per_participant), samples_per_participant
-  if not 1 <= s <= n:
+  own = _sizes(num_participants, samples_per_participant)
+  s = int(shards_per_participant)
+  if not 1 <= s <= own.min():
     raise DataError(f"shards_per_participant={s} must be between 1 and "
-                    f"--samples_per_participant={n}.")
+                    f"--samples_per_participant={own.min()}.")
   rng = np.random.default_rng(seed)
-  pool = rng.permutation(len(labels))[:num_participants * n]
+  pool = rng.permutation(len(labels))[:int(own.sum())]
   # Stable sort of a random subset by label: within a class the order is
   # random, so a shard is a random sample of its class(es).
   pool = pool[np.argsort(labels[pool], kind="stable")]
   # Shard k (in label order) becomes shard slot[k] % s of participant
-  # slot[k] // s; slot j of a participant holds n // s (+1 for j < n % s).
+  # slot[k] // s; slot j of participant p holds n_p // s (+1 for
+  # j < n_p % s).
   slot = rng.permutation(num_participants * s)
-  sizes = n // s + (slot % s < n % s)
-  starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
   owner = slot // s
-  out = np.empty((num_participants, n), dtype=np.int32)
+  sizes = own[owner] // s + (slot % s < own[owner] % s)
+  starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+  out = np.full((num_participants, own.max()), PAD, dtype=np.int32)
   filled = np.zeros(num_participants, dtype=np.int64)
   for k in range(len(slot)):
     p, size = owner[k], sizes[k]
     out[p, filled[p]:filled[p] + size] = pool[starts[k]:starts[k] + size]
     filled[p] += size
-  return rng.permuted(out, axis=1).astype(np.int32)
+  if np.all(own == own[0]):
+    return rng.permuted(out, axis=1).astype(np.int32)
+  return _padded([rng.permutation(out[p, :own[p]])
+                  for p in range(num_participants)])
 
 
 def dirichlet(labels: np.ndarray, num_participants: int,
@@ -130,14 +188,15 @@ def dirichlet(labels: np.ndarray, num_participants: int,
   _check_sizes(len(labels), num_participants, samples_per_participant)
   if not (np.isfinite(alpha) and alpha > 0):
     raise DataError(f"--dirichlet_alpha={alpha} must be a positive number.")
-  n = samples_per_participant
+  own = _sizes(num_participants, samples_per_participant)
   rng = np.random.default_rng(seed)
   classes = np.unique(labels)
   pools = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
   used = np.zeros(len(classes), dtype=np.int64)
   left = np.array([len(p) for p in pools], dtype=np.int64)
-  out = np.empty((num_participants, n), dtype=np.int32)
+  rows = []
   for i in range(num_participants):
+    n = int(own[i])
     props = rng.dirichlet(np.full(len(classes), float(alpha)))
     want = rng.multinomial(n, props)
     take = np.minimum(want, left)
@@ -155,12 +214,12 @@ def dirichlet(labels: np.ndarray, num_participants: int,
       row.append(pools[c][used[c]:used[c] + take[c]])
       used[c] += take[c]
       left[c] -= take[c]
-    out[i] = rng.permutation(np.concatenate(row))
-  return out
+    rows.append(rng.permutation(np.concatenate(row)).astype(np.int32))
+  return _padded(rows)
 
 
 def make_partition(kind: str, labels: np.ndarray, num_participants: int,
-                   samples_per_participant: int, seed: int, *,
+                   samples_per_participant, seed: int, *,
                    dirichlet_alpha: float = 0.5,
                    shards_per_participant: int = 2) -> np.ndarray:
   """Dispatches on ``kind`` (``--partition``), one of :data:`PARTITIONS`.

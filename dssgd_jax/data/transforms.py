@@ -33,6 +33,19 @@ RGB_TO_YUV = np.array([[0.299, 0.587, 0.114],
                        [0.615, -0.51499, -0.10001]], dtype=np.float32)
 
 
+def model_input_shape(model: str | None, image_shape) -> tuple[int, int, int]:
+  """The shape ``model`` sees for images of ``image_shape`` (28x28 padded to
+  32x32 for the 32x32 networks), without loading any data.
+
+  >>> model_input_shape("mnist_cnn", (28, 28, 1))
+  (32, 32, 1)
+  """
+  h, w, c = image_shape
+  if model in MODELS_32X32 and (h, w) == (28, 28):
+    h, w = 32, 32
+  return h, w, c
+
+
 def pad_images(images: np.ndarray, pad: int = 2, value: float = 0.0
                ) -> np.ndarray:
   """Pads NHWC images by ``pad`` pixels of ``value`` on each spatial side.

@@ -45,9 +45,9 @@ def run_state_dir(state_dir: str, cfg) -> str:
   starts fresh."""
   import dataclasses  # pylint: disable=g-import-not-at-top
   import hashlib  # pylint: disable=g-import-not-at-top
-  from dssgd_jax.run import experiment  # pylint: disable=g-import-not-at-top
+  from dssgd_jax.run import outputs  # pylint: disable=g-import-not-at-top
   keep = {k: v for k, v in dataclasses.asdict(cfg).items()
-          if k == "workdir" or k not in experiment._RESUMABLE_CHANGES}  # pylint: disable=protected-access
+          if k == "workdir" or k not in outputs.RESUMABLE_FLAGS}
   digest = hashlib.sha256(json.dumps(keep, sort_keys=True).encode())
   return os.path.join(state_dir, "runs", digest.hexdigest()[:16])
 
@@ -73,8 +73,9 @@ def _participant(message: Message, context: Context):
                       os.path.join(state_dir, "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     from dssgd_jax.flower import node as node_lib  # pylint: disable=g-import-not-at-top
+    from dssgd_jax.run import build  # pylint: disable=g-import-not-at-top
     from dssgd_jax.run import config as config_lib  # pylint: disable=g-import-not-at-top
-    cfg = config_lib.validate(config_lib.Config.from_dict(
+    cfg = build.validate(config_lib.Config.from_dict(
         json.loads(run_json)))
     seed = node.get("seed")
     policy = policy_of(node)

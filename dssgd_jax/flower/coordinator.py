@@ -20,30 +20,21 @@ import numpy as np
 from dssgd_jax import models as models_lib
 from dssgd_jax import participant as participant_lib
 from dssgd_jax import protocols
+from dssgd_jax import rules
 from dssgd_jax import selection as selection_lib
 from dssgd_jax import server as server_lib
 from dssgd_jax.data import datasets as datasets_lib
 from dssgd_jax.data import transforms
-from dssgd_jax.run import build
-from dssgd_jax.run.config import Config
 
 
-def model_input_shape(cfg: Config) -> tuple[int, int, int]:
-  """The model's input shape for ``cfg.dataset`` (28x28 padded to 32x32 for
-  the 32x32 networks), without loading any data."""
-  h, w, c = datasets_lib.IMAGE_SHAPES[cfg.dataset]
-  if cfg.model in transforms.MODELS_32X32 and (h, w) == (28, 28):
-    h, w = 32, 32
-  return h, w, c
-
-
-def initial_model(cfg: Config) -> tuple[np.ndarray, jax.Array, object]:
+def initial_model(plan) -> tuple[np.ndarray, jax.Array, object]:
   """(initial flat parameters, train key, model) exactly as the simulation
-  draws them from ``--seed`` (:func:`dssgd_jax.run.experiment.setup`)."""
-  model = models_lib.get_model(cfg.model, datasets_lib.NUM_CLASSES,
-                               conv_impl=build.resolve_conv_impl(cfg))
-  init_key, train_key = jax.random.split(jax.random.key(cfg.seed))
-  params = models_lib.init_params(model, model_input_shape(cfg), init_key)
+  draws them from the plan's seed (:func:`dssgd_jax.run.experiment.setup`)."""
+  model = models_lib.get_model(plan.model, datasets_lib.NUM_CLASSES,
+                               conv_impl=plan.conv_impl)
+  init_key, train_key = jax.random.split(jax.random.key(plan.seed))
+  shape = transforms.model_input_shape(plan.model, plan.data.image_shape)
+  params = models_lib.init_params(model, shape, init_key)
   flat, unravel = participant_lib.flatten_params(params)
   return np.asarray(flat), train_key, (model, unravel)
 
@@ -52,27 +43,30 @@ class Coordinator:
   """The server of a DSSGD run: downloads out, uploads in.
 
   Args:
-    cfg: the run's validated config (``--algorithm=dssgd``).
+    cfg: the run's validated config (``--algorithm=dssgd``), or its plan.
     state: a :class:`~dssgd_jax.server.ServerState` to start from (a
       checkpoint's); None: the initial model.
   """
 
-  def __init__(self, cfg: Config, state: server_lib.ServerState | None = None):
-    self.cfg = cfg
-    flat, self.train_key, (self.model, self.unravel) = initial_model(cfg)
+  def __init__(self, cfg, state: server_lib.ServerState | None = None):
+    from dssgd_jax.run import experiment  # pylint: disable=g-import-not-at-top
+    plan = experiment.as_plan(cfg)
+    self.plan = plan
+    flat, self.train_key, (self.model, self.unravel) = initial_model(plan)
     self.initial = flat
     self.num_params = int(flat.shape[0])
-    self.num = int(cfg.num_participants)
-    self.download = build.download_rule(cfg, self.num_params)
-    rule = build.upload_rule(cfg, self.num_params)
-    self.slots = (selection_lib.upload_count(cfg.upload_fraction,
-                                             self.num_params)
+    self.num = int(plan.data.num_participants)
+    self.download = plan.download_rule
+    rule = plan.upload_rule
+    self.slots = (rules.privacy_of(rule, self.num_params).slots
                   if rule is not None else 0)
     self.state = server_lib.init(jnp.asarray(flat)) if state is None else state
+    self.aggregation_state = plan.aggregation.init(self.state.params)
     download = self.download
     self._mask = jax.jit(lambda srv, k: download.mask(srv, k))
-    self._apply = jax.jit(server_lib.apply_uploads)
-    decay, every = float(cfg.stat_decay), int(cfg.decay_every)
+    agg = plan.aggregation
+    self._apply = jax.jit(agg.apply)
+    decay, every = float(plan.stat_decay), int(plan.decay_every)
     self._end = jax.jit(lambda srv: server_lib.end_epoch(srv, decay, every))
 
   def download_keys(self, epoch: int) -> jax.Array:
@@ -109,12 +103,17 @@ class Coordinator:
     return selection_lib.Upload(jnp.asarray(idx), jnp.asarray(val),
                                 jnp.asarray(mask))
 
-  def receive(self, uploads: list) -> None:
-    """Adds uploads to the global vector: a list of (indices, values), or
-    None for a lost upload (several at once: the parallel protocol)."""
+  def receive(self, uploads: list, weights: list | None = None) -> None:
+    """Aggregates uploads into the global vector (the plan's aggregation):
+    a list of (indices, values), or None for a lost upload (several at
+    once: the parallel protocol); ``weights`` the uploaders' example
+    counts (default: equal)."""
     if all(u is None for u in uploads):
       return
-    self.state = self._apply(self.state, self._padded(uploads))
+    w = jnp.asarray(np.ones(len(uploads), np.float32) if weights is None
+                    else np.asarray(weights, np.float32))
+    self.state, self.aggregation_state = self._apply(
+        self.state, self.aggregation_state, self._padded(uploads), w)
 
   def end_epoch(self) -> None:
     self.state = self._end(self.state)

@@ -63,6 +63,9 @@ from dssgd_jax.data import datasets as datasets_lib
 from dssgd_jax.data import transforms
 from dssgd_jax.errors import ConfigError
 from dssgd_jax.run import build
+from dssgd_jax.run import data as run_data
+from dssgd_jax.run import experiment
+from dssgd_jax.run import outputs
 from dssgd_jax.run.config import Config
 
 SEED_FILE = "seed.json"
@@ -123,32 +126,72 @@ class Visit:
   partition_id: int = 0
 
 
-def load_data_dir(path: str, cfg: Config) -> data_base.Dataset:
-  """A participant's own data: ``path/data.npz`` with ``train_images``,
-  ``train_labels``, ``test_images``, ``test_labels`` (images float32 in
-  [0, 1], (n, H, W, C), as :func:`dssgd_jax.data.load_dataset` returns them),
-  preprocessed for ``cfg.model``.
+# What a data.npz holds, per dataset: the raw images as the dataset's loader
+# returns them (float32 in [0, 1]) and labels 0..9.
+DATA_ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
+
+
+def load_data_dir(path: str, plan) -> data_base.Dataset:
+  """A participant's own data, checked against the run: ``path/data.npz``
+  with ``train_images``, ``train_labels``, ``test_images``, ``test_labels``
+  (images float32 in [0, 1] shaped (n, H, W, C) as the run's ``--dataset``
+  is, labels integers 0-9, at least one example each), preprocessed for the
+  plan's model (padding, YUV) but not standardized.
 
   Raises:
-    ConfigError: the file is missing or lacks an array (one sentence).
+    ConfigError: one sentence naming the file and what is wrong with it (the
+      expected shape, dtype or range).
   """
   file = os.path.join(path, "data.npz")
   try:
     with np.load(file) as z:
-      arrays = {k: z[k] for k in ("train_images", "train_labels",
-                                  "test_images", "test_labels")}
-  except (OSError, KeyError, ValueError) as e:
+      arrays = {k: z[k] for k in DATA_ARRAYS}
+  except (OSError, KeyError, ValueError, EOFError) as e:
     raise ConfigError(f"data-dir {path}: {file} is not a readable data file "
                       f"with train_images, train_labels, test_images and "
                       f"test_labels ({e}).") from None
+  check_data(arrays, plan.data.dataset, file)
   ds = data_base.Dataset(
       arrays["train_images"].astype(np.float32),
       arrays["train_labels"].astype(np.int32),
       arrays["test_images"].astype(np.float32),
       arrays["test_labels"].astype(np.int32), datasets_lib.NUM_CLASSES,
-      cfg.dataset)
-  return transforms.preprocess(ds, model=cfg.model,
-                               standardize=cfg.standardize)
+      plan.data.dataset)
+  return transforms.preprocess(ds, model=plan.model, standardize=False)
+
+
+def check_data(arrays: dict, dataset: str, file: str) -> None:
+  """Raises ConfigError unless ``arrays`` hold ``dataset``'s examples."""
+  shape = tuple(datasets_lib.IMAGE_SHAPES[dataset])
+  for split in ("train", "test"):
+    x, y = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+    want = f"(n, {', '.join(map(str, shape))})"
+    if x.ndim != 4 or tuple(x.shape[1:]) != shape:
+      raise ConfigError(
+          f"{file}: {split}_images has shape {tuple(x.shape)}, but "
+          f"--dataset={dataset} images are {want}; see the data.npz recipe "
+          "for it in docs/deployment.md.")
+    if x.shape[0] < 1:
+      raise ConfigError(f"{file}: {split}_images holds no example; it needs "
+                        "at least one.")
+    if not np.issubdtype(x.dtype, np.floating):
+      raise ConfigError(f"{file}: {split}_images is {x.dtype}, not float32 "
+                        "values in [0, 1] (divide uint8 pixels by 255, "
+                        "digits' 0-16 values by 16).")
+    lo, hi = float(np.min(x)), float(np.max(x))
+    if not (np.isfinite(lo) and np.isfinite(hi) and lo >= 0.0 and hi <= 1.0):
+      raise ConfigError(f"{file}: {split}_images values run from {lo:g} to "
+                        f"{hi:g}, not within [0, 1] (divide uint8 pixels by "
+                        "255, digits' 0-16 values by 16).")
+    if y.shape != (x.shape[0],):
+      raise ConfigError(f"{file}: {split}_labels has shape {tuple(y.shape)}, "
+                        f"not ({x.shape[0]},), one label per image.")
+    if not np.issubdtype(y.dtype, np.integer) or (
+        y.size and (y.min() < 0 or y.max() >= datasets_lib.NUM_CLASSES)):
+      raise ConfigError(f"{file}: {split}_labels must be integers 0 to "
+                        f"{datasets_lib.NUM_CLASSES - 1} (got {y.dtype}"
+                        + (f", {y.min()} to {y.max()}" if y.size and
+                           np.issubdtype(y.dtype, np.number) else "") + ").")
 
 
 def participant_key(seed: int, epoch: int, index: int,
@@ -196,6 +239,7 @@ class Participant:
                policy: Policy | None = None, ledger_path: str | None = None,
                run_id: str | None = None):
     self.cfg = cfg
+    self.plan = build.plan(cfg)
     self.index = int(index)
     self.state_dir = state_dir
     self.policy = policy or Policy()
@@ -203,37 +247,50 @@ class Participant:
     self.run_id = run_id or os.path.basename(os.path.normpath(state_dir))
     os.makedirs(state_dir, exist_ok=True)
     if data_dir:
-      ds = load_data_dir(data_dir, cfg)
+      ds = load_data_dir(data_dir, self.plan)
       images, labels = ds.train_images, ds.train_labels
     else:
       ds, images, labels = self._partition(cfg)
+    test_images = ds.test_images
+    self.stats = None
+    if run_data.standardizes(self.plan.data):  # with its own data only
+      (images, test_images), self.stats = run_data.standardize_own(
+          images, test_images)
     self.images, self.labels = jnp.asarray(images), jnp.asarray(labels)
-    self.model = models_lib.get_model(cfg.model, ds.num_classes,
-                                      conv_impl=build.resolve_conv_impl(cfg))
+    self.model = models_lib.get_model(self.plan.model, ds.num_classes,
+                                      conv_impl=self.plan.conv_impl)
     params = models_lib.init_params(self.model, ds.image_shape,
                                     jax.random.key(0))  # shapes only
     flat, self.unravel = participant_lib.flatten_params(params)
     self.num_params = int(flat.shape[0])
-    local_epoch = participant_lib.make_local_epoch(
-        self.model.apply, self.unravel, int(cfg.batch_size))
-    self.upload_rule = build.upload_rule(cfg, self.num_params)
+    if self.num_params != self.plan.num_params:
+      raise ConfigError(
+          f"data-dir {data_dir}: its images make a {self.plan.model} of "
+          f"{self.num_params:,} parameters, the run's has "
+          f"{self.plan.num_params:,}; the images must be "
+          f"{self.plan.data.image_shape}.")
+    self.trainer = experiment.make_trainer(self.plan, self.model,
+                                           self.unravel)
+    self.upload_rule = self.plan.upload_rule
     self._update = jax.jit(participant_lib.make_update(
-        local_epoch, self.upload_rule, float(cfg.learning_rate)))
+        self.trainer, self.upload_rule))
+    self._init_local = jax.jit(self.trainer.init)
     self._evaluate = evaluation.make_evaluator(
-        self.model.apply, self.unravel, ds.test_images, ds.test_labels, 1)
+        self.model.apply, self.unravel, test_images, ds.test_labels, 1)
     self.seed = self._seed(seed)
 
   def _partition(self, cfg: Config):
     """Part ``index`` of the run's dataset, partitioned as the simulation
-    does; kept in ``state_dir/partition.npz`` after the first message (every
-    message is a new process: this spares reloading the whole dataset)."""
+    does (not standardized); kept in ``state_dir/partition.npz`` after the
+    first visit (it spares reloading the whole dataset)."""
     if not 0 <= self.index < cfg.num_participants:
       raise ConfigError(f"partition-id={self.index} is not below the run's "
                         f"--num_participants={cfg.num_participants}.")
     what = json.dumps([cfg.dataset, cfg.data_source, cfg.data_dir, cfg.model,
                        cfg.num_participants, cfg.samples_per_participant,
-                       cfg.partition, cfg.dirichlet_alpha, cfg.standardize,
-                       build.data_seed(cfg), self.index])
+                       cfg.partition, cfg.dirichlet_alpha,
+                       list(self.plan.data.sizes or []),
+                       build.data_seed(cfg), self.index, 2])
     path = os.path.join(self.state_dir, "partition.npz")
     if os.path.exists(path):
       with np.load(path) as z:
@@ -242,9 +299,11 @@ class Participant:
                                  z["test_images"], z["test_labels"],
                                  int(z["num_classes"]), cfg.dataset)
           return ds, ds.train_images, ds.train_labels
-    ds, parts = build.data(cfg)
-    images = ds.train_images[parts[self.index]]
-    labels = ds.train_labels[parts[self.index]]
+    ds, parts = run_data.load(self.plan.data, self.plan.model)
+    own = parts[self.index]
+    own = own[own >= 0]
+    images = ds.train_images[own]
+    labels = ds.train_labels[own]
     tmp = path + ".tmp.npz"
     np.savez(tmp, what=what, train_images=images, train_labels=labels,
              test_images=ds.test_images, test_labels=ds.test_labels,
@@ -265,7 +324,7 @@ class Participant:
     return seed
 
   def _model_path(self, epoch: int) -> str:
-    return os.path.join(self.state_dir, f"local_{epoch}.npy")
+    return os.path.join(self.state_dir, f"local_{epoch}.npz")
 
   def has_model(self, epoch: int) -> bool:
     return os.path.exists(self._model_path(epoch))
@@ -273,27 +332,30 @@ class Participant:
   def latest_model(self, before: int) -> int | None:
     """The last epoch before ``before`` whose model is stored (a
     participant that missed epochs resumes from its own last model)."""
-    epochs = [int(n[len("local_"):-len(".npy")])
+    epochs = [int(n[len("local_"):-len(".npz")])
               for n in os.listdir(self.state_dir)
-              if n.startswith("local_") and n.endswith(".npy")]
+              if n.startswith("local_") and n.endswith(".npz")]
     epochs = [e for e in epochs if e < before]
     return max(epochs) if epochs else None
 
-  def load_model(self, epoch: int) -> np.ndarray:
-    return np.load(self._model_path(epoch))
+  def load_local(self, epoch: int) -> participant_lib.LocalState:
+    """The participant's local state (parameters and optimizer state) after
+    ``epoch``."""
+    template = self._init_local(jnp.zeros((self.num_params,), jnp.float32))
+    state, _ = outputs.load_checkpoint(self._model_path(epoch), template)
+    return state
 
-  def _save_model(self, epoch: int, flat: np.ndarray) -> None:
+  def load_model(self, epoch: int) -> np.ndarray:
+    """Its flat parameters after ``epoch``."""
+    return np.asarray(self.load_local(epoch).params)
+
+  def _save_model(self, epoch: int, local) -> None:
     path = self._model_path(epoch)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-      np.save(f, flat)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
+    outputs.save_checkpoint(path, local, epoch)
     previous = self.latest_model(epoch)
     for name in os.listdir(self.state_dir):  # keep this and the last one
-      if name.startswith("local_") and name.endswith(".npy"):
-        old = int(name[len("local_"):-len(".npy")])
+      if name.startswith("local_") and name.endswith(".npz"):
+        old = int(name[len("local_"):-len(".npz")])
         if old < epoch and old != previous:
           os.remove(os.path.join(self.state_dir, name))
 
@@ -313,8 +375,7 @@ class Participant:
     return sum(1 for l in self._run_lines() if l.get("charged"))
 
   def _claim(self, runs: int) -> rules.Claim:
-    return rules.claim(self.upload_rule, self.num_params, runs,
-                       self.cfg.delta)
+    return self.plan.claim(runs)
 
   def spent(self, exclude_this_run: bool = False) -> tuple[float, float, int]:
     """(ε, δ, epochs without a guarantee) over every run on the ledger:
@@ -445,9 +506,9 @@ class Participant:
       return Visit(epoch, refused=refused, partition_id=self.index)
     last = self.latest_model(epoch)
     if last is not None:
-      local = self.load_model(last)
+      local = self.load_local(last)
     elif init is not None:
-      local = np.asarray(init, np.float32)
+      local = self._init_local(jnp.asarray(init, jnp.float32))
     else:
       raise ConfigError(f"participant {self.index} holds no model before "
                         f"epoch {epoch} in {self.state_dir} and was sent "
@@ -462,7 +523,7 @@ class Participant:
       server[download_indices] = download_values
       mask[download_indices] = True
     digest = self._digest(download_indices, np.asarray(download_values),
-                          local)
+                          np.asarray(local.params))
     stored = self._stored_upload(epoch, digest)
     attempt = sum(1 for l in self._run_lines()
                   if l.get("charged") and l["epoch"] == epoch)
@@ -473,9 +534,8 @@ class Participant:
     else:
       key = participant_key(self.seed, epoch, self.index, attempt)
       new_local, upload, loss = self._update(
-          jnp.asarray(server), jnp.asarray(mask), jnp.asarray(local),
-          self.images, self.labels, key)
-      new_local = np.asarray(new_local)
+          jnp.asarray(server), jnp.asarray(mask), local,
+          participant_lib.ParticipantData(self.images, self.labels), key)
       valid = np.asarray(upload.mask)
       indices = np.asarray(upload.indices)[valid].astype(np.int32)
       values = np.asarray(upload.values)[valid].astype(np.float32)
@@ -510,6 +570,7 @@ class Participant:
             "downloaded": v.downloaded, "epsilon": v.epsilon}
 
   def evaluate(self, epoch: int) -> float:
-    """Test accuracy of this participant's model after ``epoch``."""
+    """Test accuracy of this participant's model after ``epoch`` (on its
+    own test split, standardized as its training data is)."""
     flat = self.load_model(epoch)
     return float(np.asarray(self._evaluate(jnp.asarray(flat)[None]))[0])

@@ -51,15 +51,18 @@ def parse_flags(text: str):
     fv(["dssgd_jax.flower"] + shlex.split(text))
   except flags.Error as e:
     raise ConfigError(f"run config flags: {e}") from None
-  cfg = config_lib.from_flags(fv)
+  from dssgd_jax.run import build  # pylint: disable=g-import-not-at-top
+  cfg = build.validate(config_lib.from_flags(fv))
   if cfg.algorithm != "dssgd" or cfg.protocol not in PROTOCOLS:
     raise ConfigError(
         f"A deployed run is --algorithm=dssgd with --protocol=round_robin or "
         f"parallel, not --algorithm={cfg.algorithm} "
         f"--protocol={cfg.protocol}.")
-  if cfg.upload_loss or cfg.download_loss or cfg.num_seeds > 1:
-    raise ConfigError("--upload_loss, --download_loss and --num_seeds are "
-                      "simulation flags; a deployed run's losses are real.")
+  if (cfg.upload_loss or cfg.download_loss or cfg.num_seeds > 1
+      or cfg.canaries):
+    raise ConfigError("--upload_loss, --download_loss, --num_seeds and "
+                      "--canaries are simulation flags; a deployed run's "
+                      "losses are real.")
   if not cfg.workdir:
     raise ConfigError("--workdir is required in the run config's flags.")
   return cfg
@@ -96,9 +99,9 @@ class Deployment:
     cfg = self.cfg
     ds = preprocess(load_dataset(cfg.dataset, source=cfg.data_source,
                                  data_dir=cfg.data_dir),
-                    model=cfg.model, standardize=cfg.standardize)
-    from dssgd_jax.run import experiment  # pylint: disable=g-import-not-at-top
-    test_x, test_y = experiment.evaluation_split(cfg, ds)
+                    model=cfg.model, standardize=False)
+    from dssgd_jax.run import data as data_lib  # pylint: disable=g-import-not-at-top
+    test_x, test_y = data_lib.server_test_split(self.co.plan.data, ds)
     ev = evaluation.make_evaluator(self.co.model.apply, self.co.unravel,
                                    test_x, test_y, 1)
     return lambda params: float(np.asarray(ev(jnp.asarray(params)[None]))[0])
@@ -238,90 +241,92 @@ class Deployment:
 
 def run(grid: Grid, cfg, reply_timeout: float = 600.0,
         connect_timeout: float = 120.0, server_eval: bool = True) -> dict:
-  """The deployed run: the epoch loop, metrics, checkpoints, summary."""
+  """The deployed run: the epoch loop, and what a simulated run writes
+  (:mod:`dssgd_jax.run.outputs`: config and plan, metrics, TensorBoard
+  events, checkpoints, summary, figures)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from dssgd_jax import protocols  # pylint: disable=g-import-not-at-top
-  from dssgd_jax.run import experiment  # pylint: disable=g-import-not-at-top
-  from dssgd_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
-  workdir = cfg.workdir
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise ConfigError(f"--workdir={workdir} cannot be created on the server: "
-                      f"{e.strerror}.") from None
-  experiment._check_writable(workdir)  # pylint: disable=protected-access
-  experiment._check_config(workdir, cfg)  # pylint: disable=protected-access
+  from dssgd_jax.run import build  # pylint: disable=g-import-not-at-top
+  from dssgd_jax.run import events as events_lib  # pylint: disable=g-import-not-at-top
+  from dssgd_jax.run import outputs  # pylint: disable=g-import-not-at-top
+  plan = build.plan(cfg)
+  workdir = outputs.prepare_workdir(cfg.workdir)
+  outputs.check_resumable(workdir, plan)
   dep = Deployment(grid, cfg, reply_timeout, connect_timeout, server_eval)
-  ckpt = os.path.join(workdir, experiment.CHECKPOINT)
-  metrics_path = os.path.join(workdir, experiment.METRICS)
+  ckpt = os.path.join(workdir, outputs.CHECKPOINT)
+  metrics_path = os.path.join(workdir, outputs.METRICS)
   start = 0
+  template = {"server": dep.co.state, "aggregation": dep.co.aggregation_state}
   if os.path.exists(ckpt):
-    state, start = experiment.load_checkpoint(ckpt, {"server": dep.co.state},
-                                              dep.co.train_key)
+    state, start = outputs.load_checkpoint(ckpt, template, dep.co.train_key)
     dep.co.state = state["server"]
+    dep.co.aggregation_state = state["aggregation"]
     _log(f"resuming {workdir} after epoch {start}")
-  rows = [r for r in experiment._read_metrics(metrics_path)  # pylint: disable=protected-access
+  rows = [r for r in outputs.read_metrics(metrics_path)
           if r["epoch"] <= start]
-  experiment._write_json(os.path.join(workdir, experiment.CONFIG),  # pylint: disable=protected-access
-                         cfg.to_json())
-  experiment._write_lines(metrics_path, rows)  # pylint: disable=protected-access
+  outputs.write_json(os.path.join(workdir, outputs.CONFIG),
+                     json.dumps(outputs.config_json(plan), indent=2,
+                                sort_keys=True))
+  outputs.write_lines(metrics_path, rows)
+  tb = events_lib.open_writer(workdir, resume_epoch=start)
   dep.discover(connect_timeout)
   _log(f"{len(dep.nodes)} of {cfg.num_participants} participants connected")
   elapsed = rows[-1]["elapsed_s"] if rows else 0.0
-  for epoch in range(start + 1, cfg.epochs + 1):
-    t0 = time.time()
-    if len(dep.nodes) < cfg.num_participants:
-      dep.discover(0.0)  # participants that came back
-    evaluate = experiment._is_eval_epoch(cfg, epoch)  # pylint: disable=protected-access
-    res = dep.epoch(epoch, evaluate)
-    acc = server_acc = None
-    if evaluate:
-      acc = np.asarray(res["accuracy"]) if res["accuracy"] else None
-      if dep.server_eval is not None:
-        server_acc = dep.server_eval(dep.co.state.params)
-    # Participants that do not report their loss (the default policy) are
-    # left out of the mean: with none, train_loss is null.
-    losses = np.asarray([l for l in res["loss"] if np.isfinite(l)])
-    stats = protocols.EpochStats(losses, np.asarray(res["uploaded"]),
-                                 np.asarray(res["downloaded"]),
-                                 np.asarray(res["lost"]))
-    row = {"epoch": epoch}
-    row.update(experiment.run_fields(cfg, dep.co.num_params, epoch, acc,
-                                     server_acc, stats))
-    wall = time.time() - t0
-    row.update(
-        num_models=res["took_part"], num_params=dep.co.num_params,
-        missing=[i for i in range(cfg.num_participants)
-                 if res["lost"][i] and i not in res["refused"]],
-        refused={str(i): r for i, r in sorted(res["refused"].items())},
-        wire_bytes_up=(float(np.mean(res["wire_up"])) if res["wire_up"]
-                       else 0.0),
-        wire_bytes_down=(float(np.mean(res["wire_down"])) if res["wire_down"]
+  try:
+    for epoch in range(start + 1, cfg.epochs + 1):
+      t0 = time.time()
+      if len(dep.nodes) < cfg.num_participants:
+        dep.discover(0.0)  # participants that came back
+      evaluate = outputs.is_eval_epoch(plan, epoch)
+      res = dep.epoch(epoch, evaluate)
+      acc = server_acc = None
+      if evaluate:
+        acc = np.asarray(res["accuracy"]) if res["accuracy"] else None
+        if dep.server_eval is not None:
+          server_acc = dep.server_eval(dep.co.state.params)
+      # Participants that do not report their loss (the default policy) are
+      # left out of the mean: with none, train_loss is null.
+      losses = np.asarray([l for l in res["loss"] if np.isfinite(l)])
+      stats = protocols.EpochStats(losses, np.asarray(res["uploaded"]),
+                                   np.asarray(res["downloaded"]),
+                                   np.asarray(res["lost"]))
+      row = {"epoch": epoch}
+      row.update(outputs.run_fields(plan, epoch, acc, server_acc, stats))
+      wall = time.time() - t0
+      row.update(
+          num_models=res["took_part"], num_params=dep.co.num_params,
+          missing=[i for i in range(cfg.num_participants)
+                   if res["lost"][i] and i not in res["refused"]],
+          refused={str(i): r for i, r in sorted(res["refused"].items())},
+          wire_bytes_up=(float(np.mean(res["wire_up"])) if res["wire_up"]
                          else 0.0),
-        wall_time_s=wall, elapsed_s=elapsed + wall)
-    elapsed = row["elapsed_s"]
-    rows.append(row)
-    with open(metrics_path, "a") as f:
-      f.write(json.dumps(row) + "\n")
-      f.flush()
-      os.fsync(f.fileno())
-    experiment.save_checkpoint(ckpt, {"server": dep.co.state}, epoch,
-                               dep.co.train_key)
-    acc_text = ("" if row["participant_accuracy_mean"] is None else
-                f" test acc {row['participant_accuracy_mean']:.4f}")
-    loss_text = ("" if row["train_loss"] is None else
-                 f" loss {row['train_loss']:.4f}")
-    _log(f"epoch {epoch}/{cfg.epochs}{acc_text}{loss_text}"
-         f" refused {sorted(res['refused'])}"
-         f" missing {row['missing']} wire up {row['wire_bytes_up']:.0f} B "
-         f"down {row['wire_bytes_down']:.0f} B per participant "
-         f"({wall:.1f}s)")
-  summary = experiment.summarize(cfg, rows)
-  summary["privacy"] = experiment.privacy_note(cfg, dep.co.num_params,
-                                               summary["epochs"])
+          wire_bytes_down=(float(np.mean(res["wire_down"]))
+                           if res["wire_down"] else 0.0),
+          wall_time_s=wall, elapsed_s=elapsed + wall)
+      elapsed = row["elapsed_s"]
+      rows.append(row)
+      outputs.append_metrics(metrics_path, row)
+      tb.write(epoch, row)
+      outputs.save_checkpoint(ckpt, {"server": dep.co.state,
+                                     "aggregation": dep.co.aggregation_state},
+                              epoch, dep.co.train_key)
+      acc_text = ("" if row["participant_accuracy_mean"] is None else
+                  f" test acc {row['participant_accuracy_mean']:.4f}")
+      loss_text = ("" if row["train_loss"] is None else
+                   f" loss {row['train_loss']:.4f}")
+      _log(f"epoch {epoch}/{cfg.epochs}{acc_text}{loss_text}"
+           f" refused {sorted(res['refused'])}"
+           f" missing {row['missing']} wire up {row['wire_bytes_up']:.0f} B "
+           f"down {row['wire_bytes_down']:.0f} B per participant "
+           f"({wall:.1f}s)")
+  finally:
+    tb.close()
+  summary = outputs.summarize(plan, rows)
+  summary["privacy"] = outputs.privacy_note(plan, summary["epochs"])
   summary["deployment"] = "flower"
-  experiment._write_json(os.path.join(workdir, experiment.SUMMARY),  # pylint: disable=protected-access
-                         json.dumps(summary, indent=2))
+  outputs.write_json(os.path.join(workdir, outputs.SUMMARY),
+                     json.dumps(summary, indent=2))
+  outputs.draw_figures(workdir, _log)
   return summary
 
 

@@ -1,25 +1,26 @@
-"""The run configuration, defined once: fields, help, choices, validation.
+"""The run configuration, defined once: fields, help, choices, value checks.
 
 Each :class:`Config` field carries its help text, its group in ``--help`` and
 its choices (the choice tuples are owned by the modules that implement them);
 :func:`define_flags` generates the absl flags from the fields, and
-:func:`validate` checks a config before any work starts, raising one
+:func:`check_values` checks each value (range, type, choice, what the data
+allows) before any work starts, raising one
 :class:`~dssgd_jax.errors.ConfigError` sentence that names the flag.
 
-**Every flag changes the run or is rejected.** :func:`consumed_flags` says
-which flags the chosen algorithm, protocol, noise mode and selection read;
-:func:`validate` rejects any other flag that differs from its default, with
-the reason. :func:`for_algorithm` resets what another algorithm would not
-read (the sweeps use it to run baselines from a DSSGD preset).
+**Every flag changes the run or is rejected** — but not here: whether a flag
+is read is decided by the code that reads it. :func:`dssgd_jax.run.build.
+validate` builds the run's :class:`~dssgd_jax.run.plan.Plan` from the config
+while recording which fields the builder read, and rejects every other field
+that differs from its default (:mod:`dssgd_jax.run.build`).
 
 >>> cfg = Config(dataset="digits", num_participants=10,
 ...              samples_per_participant=100)
->>> validate(cfg).model
+>>> check_values(cfg).model
 'digits_cnn'
->>> validate(cfg.replace(algorithm="fedavg", upload_fraction=0.5))
+>>> check_values(cfg.replace(upload_fraction=1.5))
 Traceback (most recent call last):
 ...
-dssgd_jax.errors.ConfigError: --upload_fraction=0.5 has no effect with --algorithm=fedavg, which uploads every entry of its update; leave it at its default (0.1).
+dssgd_jax.errors.ConfigError: --upload_fraction=1.5 must be at most 1.
 """
 
 import dataclasses
@@ -27,8 +28,10 @@ import json
 import math
 from typing import Any
 
+from dssgd_jax import aggregation
 from dssgd_jax import algorithms
 from dssgd_jax import models
+from dssgd_jax import participant
 from dssgd_jax import protocols
 from dssgd_jax import rules
 from dssgd_jax import server
@@ -39,6 +42,7 @@ from dssgd_jax.errors import ConfigError
 SELECTIONS = rules.SELECTIONS
 NOISES = rules.NOISES
 DOWNLOAD_RULES = ("auto",) + server.DOWNLOAD_RULES
+AGGREGATIONS = ("auto",) + aggregation.AGGREGATIONS
 CONV_IMPLS = ("auto",) + models.CONV_IMPLS
 PARTICIPANT_AXES = ("auto",) + protocols.PARTICIPANT_AXES
 SEED_AXES = ("auto", "vmap", "map")
@@ -104,14 +108,37 @@ class Config:
                           algorithms.ALGORITHMS)
   num_participants: int = _field(30, "N, participants.", "model and training")
   samples_per_participant: int = _field(
-      600, "n, training examples held by each participant.",
-      "model and training")
+      600, "n, training examples held by each participant (the mean with "
+      "--size_skew).", "model and training")
+  size_skew: float = _field(
+      0.0, "Unequal participants: sizes ∝ exp(σ·z), z ~ N(0, 1), σ = this, "
+      "rounded to a fixed total of N·n examples (each at least 1); 0 = "
+      "equal.", "model and training")
+  participant_sizes: str | None = _field(
+      None, "Unequal participants: each one's number of examples, comma-"
+      "separated (N numbers).", "model and training", kind=str)
   epochs: int = _field(30, "Epochs (one local epoch each).",
                        "model and training")
   batch_size: int = _field(32, "M, local minibatch size.",
                            "model and training")
   learning_rate: float = _field(0.01, "k, local SGD rate.",
                                 "model and training")
+  optimizer: str = _field("sgd", "Local optimizer (optax): sgd (the "
+                          "paper's, with --momentum) or adam.",
+                          "model and training", participant.OPTIMIZERS)
+  momentum: float = _field(0.0, "SGD momentum (0 = the paper's plain SGD).",
+                           "model and training")
+  nesterov: bool = _field(False, "Nesterov momentum (with --momentum).",
+                          "model and training")
+  weight_decay: float = _field(0.0, "Decoupled weight decay λ of the local "
+                               "optimizer.", "model and training")
+  lr_schedule: str = _field("constant", "Local learning rate: constant, or "
+                            "cosine decay to 0 over the run's local steps.",
+                            "model and training", participant.SCHEDULES)
+  reset_optimizer: bool = _field(
+      False, "Start the local optimizer's state afresh in every epoch a "
+      "participant downloads (default: carried, as the paper's participant "
+      "keeps training its own model).", "model and training")
   seed: int = _field(0, "Random seed (data split, init, training), 0 to "
                      "2**32-1.", "model and training")
   # Seeds (independent runs as one program).
@@ -144,6 +171,16 @@ class Config:
                           SELECTIONS)
   threshold: float = _field(1e-4, "τ for --selection=threshold and the SVT.",
                             "sharing")
+  aggregation: str = _field(
+      "auto", "How the server combines uploads: sum (the paper's), "
+      "weighted_mean (FedAvg's, by example counts), entry_mean (per entry, "
+      "over the participants that uploaded it); auto: sum for dssgd, "
+      "weighted_mean for fedavg.", "sharing", AGGREGATIONS)
+  server_learning_rate: float = _field(
+      1.0, "η of a server optimizer on the aggregate update (FedOpt; 1 = "
+      "none).", "sharing")
+  server_momentum: float = _field(0.0, "Server momentum on the aggregate "
+                                  "update (FedAvgM).", "sharing")
   stat_decay: float = _field(
       1.0, "β: the server multiplies its update counters by β every "
       "--decay_every epochs (most_updated downloads).", "sharing")
@@ -164,6 +201,17 @@ class Config:
                                  "--noise=svt.", "privacy", kind=float)
   delta: float = _field(1e-5, "δ at which the Gaussian mechanism's ε is "
                         "reported.", "privacy")
+  canaries: int = _field(
+      0, "Gradient-space canaries for the end-to-end audit (python -m "
+      "dssgd_jax.audit): each included with probability 1/2 in one "
+      "participant's update every epoch, scored from what the server "
+      "receives.", "privacy")
+  canary_scale: float = _field(
+      0.0, "Size of a canary's entry (0: the rule's clip bound γ, else the "
+      "participant's largest |Δw| entry of the epoch).", "privacy")
+  checked: bool = _field(
+      False, "Check at run time that every upload rule's output holds what "
+      "its privacy declaration says (bounds, slots); slower.", "privacy")
   # Protocol.
   protocol: str = _field("round_robin", "Who talks to the server when.",
                          "protocol", protocols.PROTOCOLS)
@@ -217,97 +265,6 @@ DEFAULTS = Config()
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
-# ----------------------------------------------------------------------------
-# Which flags each choice reads.
-
-# Read by every run.
-_ALWAYS = {
-    "workdir", "dataset", "data_source", "data_dir", "partition",
-    "standardize", "model", "conv_impl", "algorithm", "num_participants",
-    "samples_per_participant", "epochs", "batch_size", "learning_rate",
-    "seed", "num_seeds", "data_seed", "eval_every", "eval_examples", "checkpoint_every", "progress",
-    "mesh_shape", "cpu_devices", "coordinator_address"}
-
-
-def consumed_flags(cfg: Config) -> dict[str, str]:
-  """Flags that ``cfg`` does not read, each with the reason (one clause).
-
-  Every field not returned here changes the run when it changes.
-  """
-  why: dict[str, str] = {}
-  alg = cfg.algorithm
-
-  def unused(names, reason):
-    for n in names:
-      why.setdefault(n, reason)
-
-  if cfg.num_seeds == 1:
-    unused(["vary_partition", "seed_axis"],
-           "which only --num_seeds > 1 reads")
-  if cfg.partition != "dirichlet":
-    unused(["dirichlet_alpha"], f"which only --partition=dirichlet reads")
-  if cfg.dataset != "svhn_cropped":
-    unused(["svhn_paper_split"], "which only --dataset=svhn_cropped reads")
-  if not (cfg.dataset == "svhn_cropped" and cfg.svhn_paper_split):
-    unused(["svhn_test_examples"], "which only --svhn_paper_split reads")
-  if not cfg.coordinator_address:
-    unused(["num_processes", "process_id"],
-           "which only multi-host runs (--coordinator_address) read")
-  exchange = ["protocol", "upload_fraction", "download_fraction",
-              "download_rule", "selection", "threshold", "stat_decay",
-              "decay_every", "clip_bound", "l2_clip", "noise", "noise_scale",
-              "epsilon", "delta", "staleness", "max_staleness", "upload_loss",
-              "download_loss"]
-  if alg in ("standalone", "centralized"):
-    unused(exchange, "which shares nothing")
-    if alg == "centralized":
-      unused(["participant_axis"], "which trains one model")
-    return why
-  if alg == "fedavg":
-    unused(["upload_fraction", "selection", "threshold", "clip_bound"],
-           "which uploads every entry of its update")
-    unused(["download_fraction", "download_rule", "stat_decay",
-            "decay_every"], "which downloads every entry of w_g")
-    unused(["protocol", "staleness", "max_staleness"],
-           "which runs in synchronous parallel rounds")
-    unused(["epsilon"], "which has no sparse vector technique (--noise=svt)")
-    if cfg.noise != "gaussian":
-      unused(["noise_scale", "delta"], f"and --noise={cfg.noise}")
-    return why
-  # DSSGD.
-  if cfg.upload_fraction == 0:
-    unused(exchange[3:], "and --upload_fraction=0, which shares nothing")
-    unused(["download_fraction"], "and --upload_fraction=0, which shares "
-           "nothing (there is nothing to download)")
-  if cfg.protocol == "round_robin":
-    unused(["participant_axis"], "and --protocol=round_robin, which visits "
-           "participants one at a time")
-  if cfg.protocol != "async":
-    unused(["staleness", "max_staleness"],
-           f"and --protocol={cfg.protocol}; only --protocol=async reads it")
-  if cfg.noise == "svt":
-    unused(["selection"], "and --noise=svt, which selects the entries itself")
-    unused(["l2_clip"], "and --noise=svt, which bounds each value by "
-           "--clip_bound")
-    unused(["noise_scale"], "and --noise=svt, whose noise follows from "
-           "--epsilon")
-  else:
-    unused(["epsilon"], f"and --noise={cfg.noise}; only --noise=svt reads it")
-    if cfg.selection != "threshold":
-      unused(["threshold"], f"and --selection={cfg.selection}")
-    if cfg.noise == "none":
-      unused(["noise_scale"], "and --noise=none")
-  if cfg.noise != "gaussian":
-    unused(["delta"], f"and --noise={cfg.noise}; δ is only used for the "
-           "Gaussian mechanism's ε")
-  if resolved_download_rule(cfg) != "most_updated":
-    unused(["stat_decay", "decay_every"], "and downloads that are not "
-           "most_updated (the update counters choose nothing)")
-  elif cfg.stat_decay == 1:
-    unused(["decay_every"], "and --stat_decay=1 (nothing decays)")
-  return why
-
-
 def resolved_download_rule(cfg: Config) -> str:
   """``--download_rule=auto``: all at θd = 1, else the paper's most_updated."""
   if cfg.download_rule != "auto":
@@ -315,42 +272,25 @@ def resolved_download_rule(cfg: Config) -> str:
   return "all" if cfg.download_fraction >= 1 else "most_updated"
 
 
-# Values a flag may take for a choice that does not read it, because they
-# say what runs anyway (e.g. FedAvg rounds are parallel).
-_IMPLIED = {("fedavg", "protocol"): "parallel",
-            ("standalone", "protocol"): "parallel",
-            ("centralized", "protocol"): "parallel",
-            ("standalone", "upload_fraction"): 0.0}
+def participant_sizes(cfg: Config) -> list[int] | None:
+  """``--participant_sizes`` as N integers (None when not given).
 
-
-def _reject_unconsumed(cfg: Config) -> None:
-  for name, reason in consumed_flags(cfg).items():
-    value = getattr(cfg, name)
-    if value == getattr(DEFAULTS, name):
-      continue
-    if _IMPLIED.get((cfg.algorithm, name)) == value:
-      continue
-    raise ConfigError(
-        f"--{name}={value} has no effect with --algorithm={cfg.algorithm}, "
-        f"{reason}; leave it at its default ({getattr(DEFAULTS, name)}).")
-
-
-def for_algorithm(cfg: Config, algorithm: str, **changes) -> Config:
-  """``cfg`` for another algorithm, with every flag that it does not read
-  reset to its default (how a sweep runs baselines from a DSSGD preset).
-
-  >>> base = Config(upload_fraction=0.01, noise="svt", epsilon=1.0,
-  ...               clip_bound=0.1)
-  >>> c = for_algorithm(base, "standalone")
-  >>> c.noise, c.upload_fraction, c.epsilon
-  ('none', 0.1, None)
+  Raises:
+    ConfigError: not N positive integers.
   """
-  new = cfg.replace(algorithm=algorithm, **changes)
-  for _ in range(3):  # resetting one flag can make another unread
-    reset = {n: getattr(DEFAULTS, n) for n in consumed_flags(new)
-             if n not in changes}
-    new = new.replace(**reset)
-  return new
+  if cfg.participant_sizes is None:
+    return None
+  text = str(cfg.participant_sizes)
+  try:
+    sizes = [int(x) for x in text.replace(" ", "").split(",") if x]
+  except ValueError:
+    raise ConfigError(f"--participant_sizes={text} must be comma-separated "
+                      "integers.") from None
+  if len(sizes) != cfg.num_participants or min(sizes) < 1:
+    raise ConfigError(f"--participant_sizes={text} must give "
+                      f"--num_participants={cfg.num_participants} sizes, "
+                      "each at least 1.")
+  return sizes
 
 
 # ----------------------------------------------------------------------------
@@ -382,8 +322,11 @@ def _number(cfg, name, low=None, integer=False, allow_low=False,
     raise ConfigError(f"--{name}={value} must be at most {high}.")
 
 
-def validate(cfg: Config) -> Config:
-  """Checks every flag; returns the config with derived defaults filled in.
+def check_values(cfg: Config) -> Config:
+  """Checks every flag's value; returns the config with the model filled in.
+
+  Whether each flag is read by the run is checked by
+  :func:`dssgd_jax.run.build.validate`, which calls this first.
 
   Raises:
     ConfigError: one sentence naming the first bad flag.
@@ -402,7 +345,7 @@ def validate(cfg: Config) -> Config:
                "svhn_test_examples", "num_processes"):
     _number(cfg, name, 0, integer=True)
   for name in ("eval_examples", "max_staleness", "mesh_shape", "process_id",
-               "cpu_devices"):
+               "cpu_devices", "canaries"):
     _number(cfg, name, 0, integer=True, allow_low=True)
   _number(cfg, "seed", 0, integer=True, allow_low=True, high=2**32 - 1)
   _number(cfg, "num_seeds", 0, integer=True)
@@ -422,8 +365,26 @@ def validate(cfg: Config) -> Config:
                       "a time).")
   for name in ("learning_rate", "dirichlet_alpha", "delta"):
     _number(cfg, name, 0)
-  for name in ("threshold", "noise_scale"):
+  for name in ("threshold", "noise_scale", "weight_decay", "size_skew",
+               "canary_scale"):
     _number(cfg, name, 0, allow_low=True)
+  if cfg.download_loss == 1:
+    raise ConfigError("--download_loss=1 loses every download: no participant "
+                      "ever receives the server's model; use "
+                      "--download_fraction=0 (or a --download_loss below 1).")
+  if cfg.upload_loss == 1:
+    raise ConfigError("--upload_loss=1 loses every upload: nothing ever "
+                      "reaches the server; use --algorithm=standalone (or an "
+                      "--upload_loss below 1).")
+  _number(cfg, "server_learning_rate", 0)
+  for name in ("momentum", "server_momentum"):
+    _number(cfg, name, 0, allow_low=True)
+    if getattr(cfg, name) >= 1:
+      raise ConfigError(f"--{name}={getattr(cfg, name)} must be below 1.")
+  if cfg.size_skew and cfg.participant_sizes is not None:
+    raise ConfigError(f"--size_skew={cfg.size_skew} and "
+                      "--participant_sizes both set the participants' "
+                      "sizes; give one.")
   for name in ("clip_bound", "l2_clip", "epsilon"):
     if getattr(cfg, name) is not None:
       _number(cfg, name, 0)
@@ -433,8 +394,6 @@ def validate(cfg: Config) -> Config:
     raise ConfigError(f"--delta={cfg.delta} must be below 1.")
   _check_data(cfg)
   _check_exchange(cfg)
-  _reject_unconsumed(cfg)
-  _check_delta(cfg)
   if cfg.process_id >= cfg.num_processes:
     raise ConfigError(f"--process_id={cfg.process_id} must be below "
                       f"--num_processes={cfg.num_processes}.")
@@ -444,8 +403,15 @@ def validate(cfg: Config) -> Config:
 def _check_data(cfg: Config) -> None:
   available = (SVHN_PAPER_TRAIN_EXAMPLES if cfg.dataset == "svhn_cropped"
                and cfg.svhn_paper_split else TRAIN_EXAMPLES[cfg.dataset])
+  sizes = participant_sizes(cfg)
   need = cfg.num_participants * cfg.samples_per_participant
-  if need > available:
+  if sizes is not None and sum(sizes) > available:
+    raise ConfigError(
+        f"--participant_sizes add up to {sum(sizes):,} training examples but "
+        f"--dataset={cfg.dataset} has only {available:,}.")
+  if sizes is not None:
+    need = sum(sizes)
+  elif need > available:
     raise ConfigError(
         f"--num_participants={cfg.num_participants} x "
         f"--samples_per_participant={cfg.samples_per_participant} needs "
@@ -467,7 +433,7 @@ def _check_data(cfg: Config) -> None:
           f"--batch_size={cfg.batch_size} is larger than the {need:,} "
           "examples of --algorithm=centralized (--num_participants x "
           "--samples_per_participant).")
-  elif cfg.batch_size > cfg.samples_per_participant:
+  elif cfg.batch_size > cfg.samples_per_participant and sizes is None:
     raise ConfigError(
         f"--batch_size={cfg.batch_size} is larger than "
         f"--samples_per_participant={cfg.samples_per_participant}.")
@@ -493,16 +459,10 @@ def _check_exchange(cfg: Config) -> None:
         f"--noise={cfg.noise} is not available with --algorithm=fedavg, "
         "which uploads its whole update: use --noise=gaussian with "
         "--l2_clip (DP-FedAvg with local noise) or --noise=none.")
-  if alg == "fedavg" and cfg.protocol not in ("round_robin", "parallel"):
-    raise ConfigError(f"--algorithm=fedavg runs parallel rounds, not "
-                      f"--protocol={cfg.protocol}.")
   if alg == "dssgd" and cfg.protocol == "async" and cfg.max_staleness == 0:
     raise ConfigError("--protocol=async with --max_staleness=0 runs exactly "
                       "--protocol=parallel; set --max_staleness to 1 or more "
                       "(or use --protocol=parallel).")
-  if alg in ("standalone", "centralized") and cfg.protocol == "async":
-    raise ConfigError(f"--protocol=async has no effect with --algorithm="
-                      f"{alg}, which shares nothing.")
   if alg not in ("dssgd", "fedavg"):
     return
   if alg == "dssgd" and cfg.upload_fraction == 0:
@@ -515,21 +475,6 @@ def _check_exchange(cfg: Config) -> None:
     if cfg.clip_bound is None:
       raise ConfigError("--noise=svt needs --clip_bound (γ): the SVT "
                         "sensitivity is 2γ.")
-
-
-def _check_delta(cfg: Config) -> None:
-  """--delta is read only where the claim is an (ε, δ) one (Gaussian)."""
-  if cfg.delta == DEFAULTS.delta:
-    return
-  from dssgd_jax.run import build  # pylint: disable=g-import-not-at-top
-  d = models.abstract_num_params(cfg.model,
-                                 datasets_lib.IMAGE_SHAPES[cfg.dataset])
-  claim = build.claim(cfg, d, 1)
-  if claim.event is None or claim.delta == 0:
-    why = (f"which gives no guarantee: {claim.reason}" if claim.reason
-           else "whose guarantee is pure ε-DP")
-    raise ConfigError(f"--delta={cfg.delta} has no effect: this run's "
-                      f"upload rule is {build.upload_rule(cfg, d)!r}, {why}")
 
 
 # ----------------------------------------------------------------------------
@@ -578,10 +523,12 @@ def declare_key_flags(flag_values=None) -> None:
 
 
 def from_flags(flag_values=None) -> Config:
-  """Builds and validates a Config from parsed absl flags."""
+  """A Config from parsed absl flags, its values checked
+  (:func:`check_values`; :func:`dssgd_jax.run.build.validate` checks which
+  flags the run reads)."""
   if flag_values is None:
     from absl import flags  # pylint: disable=g-import-not-at-top
     flag_values = flags.FLAGS
   cfg = Config(**{n: flag_values[n].value for n in FIELDS
                   if n in flag_values})
-  return validate(cfg)
+  return check_values(cfg)

@@ -131,7 +131,7 @@ def _pyplot():
   return plt
 
 
-def _human_bytes(x: float) -> str:
+def human_bytes(x: float) -> str:
   for unit in ("B", "KB", "MB", "GB", "TB"):
     if abs(x) < 1000 or unit == "TB":
       return f"{x:.3g} {unit}"

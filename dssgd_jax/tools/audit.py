@@ -1,14 +1,29 @@
-r"""Measured privacy: a membership-inference audit of a finished run.
+r"""Measured privacy of a finished run: the end-to-end canary audit and
+membership-inference audits, each saying which model it is about.
 
 Shokri & Shmatikov (CCS 2015) argue that DSSGD protects each participant's
 training data because only a small fraction θu of each parameter update leaves
 the participant, optionally bounded and noised with the sparse vector
 technique (SPEC section 3, "DP mode"). A differential-privacy ε bounds what any
 attacker can learn, but the bound is often vacuous (ε = 10 per epoch over 20
-epochs is ε = 200 by basic composition). This module *measures* leakage instead:
-it runs membership-inference attacks against every participant's final model
-and reports how well they tell the participant's own training examples
-(members) from held-out test examples (non-members).
+epochs is ε = 200 by basic composition), and a claim is only as good as the
+code behind it. This module *measures*, and says of every figure which model
+or release it is about and whether the run's claim covers it:
+
+* **What the server received** (covered by the claim). A run started with
+  ``--canaries=M`` inserted M gradient-space canaries into the participants'
+  updates, each with probability ½ (:mod:`dssgd_jax.canaries`), and scored
+  them from the uploads the server received. The one-run audit of Steinke,
+  Nasr and Jagielski (NeurIPS 2023; ``jax_privacy.auditing``) turns the
+  scores into a one-sided ε lower bound at 95% confidence, printed beside the
+  claimed ε with TPR at 1% FPR and the AUC. The bound must never exceed the
+  claim.
+* **The server's global model** (covered by the claim: it is computed from
+  the uploads): membership inference with all participants' training
+  examples as members.
+* **Each participant's own model** (covered by no claim: it never leaves its
+  participant): membership inference, members = its own training examples,
+  non-members = held-out test examples.
 
 Usage::
 
@@ -63,6 +78,7 @@ The core is importable and pure: :func:`per_example_stats`,
 work on arrays; :func:`audit_run` reads a work directory.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -78,6 +94,7 @@ with cli.exit_on_interrupt(__name__ == "__main__"):  # Ctrl-C while starting
 
   from dssgd_jax import _io
   from dssgd_jax.errors import UserError
+  from dssgd_jax.run import build
 
 AUDIT_FILE = "audit.json"
 ATTACKS = ("loss", "margin", "calibrated")
@@ -130,19 +147,26 @@ def per_example_stats(logits: jax.Array, labels: jax.Array
 
 
 def make_stats_fn(apply_fn: Callable, unravel: Callable) -> Callable:
-  """Builds ``stats(flat_stack (P, D), images, labels) -> dict of (P, T)``.
+  """Builds ``stats(flat_stack (P, D), images, labels, own=None) -> dict of
+  (P, T)``.
 
   Every model of the stack is applied to every example (``vmap`` over the
   model axis, fixed-size chunks over examples, one compilation per chunk
-  shape).
+  shape). With ``own = (shift, scale)``, each (P, C), model p sees the
+  images standardized with its own statistics (as the run evaluates it).
   """
 
   @jax.jit
-  def chunk_stats(flat_stack, images, labels):
-    logits = jax.vmap(lambda f: apply_fn(unravel(f), images))(flat_stack)
+  def chunk_stats(flat_stack, images, labels, shift, scale):
+    def one(f, sh, sc):
+      x = images if sh is None else (images - sh) * sc
+      return apply_fn(unravel(f), x)
+    logits = jax.vmap(one)(flat_stack, shift, scale)
     return per_example_stats(logits, labels[None])
 
-  def stats(flat_stack, images, labels):
+  def stats(flat_stack, images, labels, own=None):
+    shift, scale = (None, None) if own is None else (
+        jnp.asarray(own[0]), jnp.asarray(own[1]))
     flat_stack = jnp.asarray(flat_stack)
     num_models, num = flat_stack.shape[0], int(images.shape[0])
     chunk = min(num, max(16, _EXAMPLES_PER_CALL // max(num_models, 1)))
@@ -155,7 +179,8 @@ def make_stats_fn(apply_fn: Callable, unravel: Callable) -> Callable:
         x = np.concatenate([x, np.zeros((chunk - valid,) + x.shape[1:],
                                         x.dtype)])
         y = np.concatenate([y, np.zeros((chunk - valid,), y.dtype)])
-      res = chunk_stats(flat_stack, jnp.asarray(x), jnp.asarray(y))
+      res = chunk_stats(flat_stack, jnp.asarray(x), jnp.asarray(y), shift,
+                        scale)
       for k in out:
         out[k].append(np.asarray(res[k])[:, :valid])
     return {k: np.concatenate(v, axis=1).astype(np.float64)
@@ -405,59 +430,68 @@ def _last_metrics(workdir: str) -> dict:
   return last
 
 
-def load_run(workdir: str, dataset=None, parts=None, allow_unfinished=False):
-  """(cfg, experiment, final state, epoch) of a finished run in ``workdir``.
+def load_run(workdir: str, dataset=None, parts=None, allow_unfinished=False,
+             plan=None):
+  """(plan, experiment, final state, epoch) of a finished run in ``workdir``.
 
   Args:
     workdir: the run's work directory.
     dataset, parts: optional preloaded data (see ``experiment.setup``).
     allow_unfinished: accept a checkpoint before the run's last epoch.
+    plan: the run's plan, for a plan built by hand (default: built from the
+      run's ``config.json``).
 
   Raises:
     AuditError: no such directory, no config or checkpoint, or the run has
       not reached its last epoch (unless ``allow_unfinished``).
   """
   from dssgd_jax.run import experiment  # pylint: disable=g-import-not-at-top
-  cfg = _peek_config(workdir).replace(workdir=workdir)
+  if plan is None:
+    plan = build.plan(_peek_config(workdir).replace(workdir=workdir))
+  else:
+    _check_run_dir(workdir)
   ckpt = os.path.join(workdir, experiment.CHECKPOINT)
-  exp = experiment.setup(cfg, dataset, parts)
+  exp = experiment.setup(plan, dataset, parts)
   # An unreadable checkpoint raises ConfigError (a UserError) itself.
   state, epoch = experiment.load_checkpoint(ckpt, exp.init_state,
                                             exp.train_key)
-  if epoch < cfg.epochs and not allow_unfinished:
+  if epoch < plan.epochs and not allow_unfinished:
     raise AuditError(f"The run in {workdir} is unfinished (checkpoint after "
-                     f"epoch {epoch} of {cfg.epochs}); rerun its command to "
+                     f"epoch {epoch} of {plan.epochs}); rerun its command to "
                      "finish it, or pass --allow_unfinished.")
-  return cfg, exp, state, epoch
+  return plan, exp, state, epoch
 
 
-def choose_examples(cfg, parts: np.ndarray, num_test: int, seed: int = 0,
-                    max_examples: int | None = None
+def choose_examples(plan_or_cfg, parts: np.ndarray, num_test: int,
+                    seed: int = 0, max_examples: int | None = None
                     ) -> tuple[np.ndarray, np.ndarray]:
   """Members (training indices) and non-members (test indices) per model.
 
   Args:
-    cfg: the run config (``algorithm`` decides the model layout).
-    parts: (N, n) partition of the training set.
+    plan_or_cfg: the run's plan (or config): ``centralized`` decides the
+      model layout.
+    parts: (N, n) partition of the training set (rows padded with -1 for
+      unequal participants).
     num_test: size of the test split.
     seed: the audit seed.
     max_examples: optional cap on the members (and non-members) per model.
 
   Returns:
     (members (P, m) training-set indices, nonmembers (P, m) test indices);
-    P = 1 and the union of all partitions for ``centralized``, else P = N.
+    P = 1 and the union of all partitions for ``centralized``, else P = N;
+    m is the smallest participant's size (at most the test split's).
   """
   parts = np.asarray(parts)
-  owned = parts.reshape(1, -1) if cfg.algorithm == "centralized" else parts
-  num_models, owned_count = owned.shape
-  size = min(owned_count, num_test)
+  centralized = getattr(plan_or_cfg, "algorithm", None) == "centralized"
+  rows = [r[r >= 0] for r in parts]
+  owned = [np.concatenate(rows)] if centralized else rows
+  size = min(min(len(r) for r in owned), num_test)
   if max_examples:
     size = min(size, int(max_examples))
   members, nonmembers = [], []
-  for i in range(num_models):
+  for i, mem in enumerate(owned):
     rng = np.random.default_rng((seed, i))
-    mem = owned[i]
-    if size < owned_count:
+    if size < len(mem):
       mem = np.sort(rng.choice(mem, size, replace=False))
     members.append(mem)
     nonmembers.append(np.sort(rng.choice(num_test, size, replace=False)))
@@ -482,16 +516,59 @@ def _example_pool(dataset, members: np.ndarray, nonmembers: np.ndarray):
           len(train_pool) + np.searchsorted(test_pool, nonmembers))
 
 
+CANARY_CONFIDENCE = 0.95
+
+
+def canary_audit(plan, exp, state, epoch: int,
+                 confidence: float = CANARY_CONFIDENCE) -> dict | None:
+  """The end-to-end audit of what the server received
+  (:mod:`dssgd_jax.canaries`): the one-run ε lower bound beside the claim.
+
+  None when the run had no canaries.
+  """
+  from dssgd_jax import canaries as canaries_lib  # pylint: disable=g-import-not-at-top
+  if exp.canaries is None or state.canary_scores is None:
+    return None
+  claim = plan.claim(epoch)
+  delta = claim.delta if claim.epsilon is not None and claim.delta else 1e-6
+  scores = np.asarray(state.canary_scores, np.float64).reshape(
+      exp.num_seeds, -1)
+  per_seed = [canaries_lib.audit(s, exp.canaries.included, delta=delta,
+                                 confidence=confidence) for s in scores]
+  out = dict(per_seed[0])
+  if exp.num_seeds > 1:
+    out["per_seed"] = per_seed
+    out["epsilon_lower"] = float(np.mean([p["epsilon_lower"]
+                                          for p in per_seed]))
+  out.update(
+      about="what the server received: every participant's uploads, "
+      "scored at the canaries' entries",
+      covered_by_claim=True, claim_epsilon=claim.epsilon,
+      claim_delta=claim.delta if claim.epsilon is not None else None,
+      no_guarantee=claim.reason,
+      canary_scale=float(plan.canary_scale) or None,
+      consistent=(claim.epsilon is None
+                  or out["epsilon_lower"] <= claim.epsilon))
+  return out
+
+
 def audit_run(workdir: str, attacks: Sequence[str] = ATTACKS, seed: int = 0,
               max_examples: int | None = None, allow_unfinished: bool = False,
-              write: bool = True, dataset=None, parts=None) -> dict:
-  """Membership-inference audit of the final models of the run in workdir.
+              write: bool = True, dataset=None, parts=None,
+              plan=None) -> dict:
+  """The audits of the run in ``workdir``, each saying what it is about.
 
-  Rebuilds the run's data and partition from its ``config.json``, loads the
-  participants' final parameters from ``checkpoint.npz`` and runs
-  :func:`audit_models`. For ``dssgd``/``fedavg`` runs the server's global model
-  is audited as well, with all N·n training examples as its members (it has
-  absorbed every participant's shared updates).
+  * ``canary``: the end-to-end audit of what the server received, when the
+    run had canaries (``--canaries``): the one-run ε lower bound, TPR at 1%
+    FPR and AUC, beside the run's claimed ε (:func:`canary_audit`). The
+    claim covers it: the bound must not exceed the claim.
+  * ``attacks``: membership inference against every participant's own
+    final model (members: its training examples; non-members: test
+    examples). No claim covers these models: they never leave the
+    participant.
+  * ``server``: the same attacks against the server's global model, which
+    the claim covers (it is computed from the uploads), with all
+    participants' training examples as members.
 
   Args:
     workdir: the run's work directory.
@@ -500,32 +577,34 @@ def audit_run(workdir: str, attacks: Sequence[str] = ATTACKS, seed: int = 0,
     max_examples: optional cap on members (= non-members) per model.
     allow_unfinished: audit the last checkpoint of an unfinished run.
     write: write the result to ``workdir/audit.json``.
-    dataset, parts: optional preloaded data (as for ``experiment.setup``);
-      by default ``dssgd_jax.data.prepare(cfg)`` rebuilds them.
+    dataset, parts: optional preloaded data (as ``experiment.load_data``
+      returns them).
+    plan: the run's plan, for a plan built by hand.
 
   Returns:
-    A JSON-serializable dict: the run's settings, final accuracy and ε, the
-    audit sizes and ``attacks`` (see :func:`audit_models`; ``per_model`` is
-    per participant), ``server`` (the global model's audit, or None),
-    ``chance_auc_se`` and ``chance_advantage``.
+    A JSON-serializable dict (see :func:`format_report`).
 
   Raises:
     AuditError: the work directory holds no finished run.
   """
-  run_cfg = _peek_config(workdir)  # checks the directory before any work
+  from dssgd_jax.run import data as data_lib  # pylint: disable=g-import-not-at-top
+  from dssgd_jax.run import experiment  # pylint: disable=g-import-not-at-top
+  if plan is None:
+    plan = build.plan(_peek_config(workdir).replace(workdir=workdir))
+  else:
+    _check_run_dir(workdir)
   if dataset is None:
-    from dssgd_jax.run import build  # pylint: disable=g-import-not-at-top
-    dataset, parts = build.data(run_cfg)
-  cfg, exp, state, epoch = load_run(workdir, dataset, parts, allow_unfinished)
-  from dssgd_jax.run import build  # pylint: disable=g-import-not-at-top
+    dataset, parts = experiment.load_data(plan)
+  plan, exp, state, epoch = load_run(workdir, dataset, parts,
+                                     allow_unfinished, plan)
   num_seeds = exp.num_seeds
   num_test = len(dataset.test_labels)
   # With --num_seeds the S runs' models are audited together (S x P models,
   # in seed order); a model's references are the other participants of its
   # own run, which trained on none of its members or non-members.
-  seed_parts = [np.asarray(p) for p in
-                build.seed_partitions(cfg, dataset, np.asarray(parts))]
-  chosen = [choose_examples(cfg, p, num_test, seed, max_examples)
+  seed_parts = data_lib.seed_partitions(plan.data, dataset.train_labels,
+                                        np.asarray(parts), num_seeds)
+  chosen = [choose_examples(plan, p, num_test, seed, max_examples)
             for p in seed_parts]
   members = np.concatenate([m for m, _ in chosen])
   nonmembers = np.concatenate([n for _, n in chosen])
@@ -536,52 +615,71 @@ def audit_run(workdir: str, attacks: Sequence[str] = ATTACKS, seed: int = 0,
       dataset, members, nonmembers)
 
   stats_fn = make_stats_fn(exp.model.apply, exp.unravel)
-  local = np.asarray(state["local"])
+  own = None
+  if data_lib.standardizes(plan.data):  # each model's own statistics
+    layouts = [data_lib.layout(plan.data, dataset, p) for p in seed_parts]
+    own = tuple(np.concatenate([getattr(l.stats, f) for l in layouts])
+                for f in ("shift", "scale"))
+  local = np.asarray(state.protocol.local.params)
   local = local.reshape((-1,) + local.shape[-1:])
-  stats = stats_fn(local, pool_images, pool_labels)
+  stats = stats_fn(local, pool_images, pool_labels, own)
   references = [[j for j in range(i - i % per_run, i - i % per_run + per_run)
                  if j != i] for i in range(num_models)]
   result_attacks = audit_models(stats, mem_pos, non_pos, references, attacks)
 
   server = None
-  if exp.shares and cfg.algorithm != "centralized":
+  if exp.shares and plan.algorithm != "centralized":
     # The global model trained (through uploads) on every participant's data.
-    s_chosen = [choose_examples(cfg.replace(algorithm="centralized"), p,
-                                num_test, seed, max_examples)
+    s_chosen = [choose_examples(dataclasses.replace(
+        plan, algorithm="centralized"), p, num_test, seed, max_examples)
                 for p in seed_parts]
     s_members = np.concatenate([m for m, _ in s_chosen])
     s_nonmembers = np.concatenate([n for _, n in s_chosen])
     s_images, s_labels, s_mem_pos, s_non_pos = _example_pool(
         dataset, s_members, s_nonmembers)
-    server_params = np.asarray(state["server"].params).reshape(
+    server_params = np.asarray(state.protocol.server.params).reshape(
         num_seeds, -1)
-    s_stats = stats_fn(server_params, s_images, s_labels)
+    server_own = None
+    if own is not None:  # the server standardizes with the test split's
+      (_,), (shift, scale) = data_lib.standardize_own(
+          data_lib.evaluation_split(plan.data, dataset)[0])
+      server_own = (np.tile(shift, (num_seeds, 1)),
+                    np.tile(scale, (num_seeds, 1)))
+    s_stats = stats_fn(server_params, s_images, s_labels, server_own)
     server = audit_models(
         s_stats, s_mem_pos, s_non_pos, None,
         [a for a in attacks if a not in REFERENCE_ATTACKS])
     server["num_members"] = int(s_members.shape[1])
+    server.update(about="the server's global model (what every participant "
+                  "downloads)", covered_by_claim=True)
 
   last = _last_metrics(workdir)
   m = int(members.shape[1])
+  cfg = plan.config
+  claim = plan.claim(epoch)
   result = {
       "workdir": workdir,
-      "algorithm": cfg.algorithm,
-      "dataset": cfg.dataset,
-      "model": cfg.model,
-      "num_participants": cfg.num_participants,
-      "samples_per_participant": cfg.samples_per_participant,
-      "upload_fraction": cfg.upload_fraction,
-      "noise": cfg.noise,
-      "epsilon_per_epoch": cfg.epsilon,
-      "clip_bound": cfg.clip_bound,
-      "threshold": cfg.threshold,
-      "download_fraction": cfg.download_fraction,
+      "algorithm": plan.algorithm,
+      "name": plan.name or None,
+      "dataset": plan.data.dataset,
+      "model": plan.model,
+      "num_participants": plan.data.num_participants,
+      "samples_per_participant": plan.data.samples_per_participant,
+      "upload_rule": repr(plan.upload_rule),
+      "upload_fraction": None if cfg is None else cfg.upload_fraction,
+      "noise": None if cfg is None else cfg.noise,
+      "epsilon_per_epoch": None if cfg is None else cfg.epsilon,
+      "clip_bound": None if cfg is None else cfg.clip_bound,
+      "threshold": None if cfg is None else cfg.threshold,
+      "download_fraction": None if cfg is None else cfg.download_fraction,
       "num_params": exp.num_params,
       "epoch": epoch,
-      "epochs": cfg.epochs,
+      "epochs": plan.epochs,
       "participant_accuracy_mean": last.get("participant_accuracy_mean"),
       "server_accuracy": last.get("server_accuracy"),
-      "epsilon_spent": last.get("epsilon_spent"),
+      "epsilon_spent": claim.epsilon,
+      "delta_spent": claim.delta if claim.epsilon is not None else None,
+      "no_guarantee": claim.reason,
       "audit_seed": seed,
       "num_models": num_models,
       "num_seeds": num_seeds,
@@ -591,6 +689,12 @@ def audit_run(workdir: str, attacks: Sequence[str] = ATTACKS, seed: int = 0,
       "chance_advantage": chance_advantage(m, int(nonmembers.shape[1])),
       "reference_models": ("other participants' final models"
                            if num_models > 1 else None),
+      "canary": canary_audit(plan, exp, state, epoch),
+      "participant_models": {
+          "about": "each participant's own final model" if
+                   plan.algorithm != "centralized" else
+                   "the one centralized model",
+          "covered_by_claim": False},
       "attacks": result_attacks,
       "server": server,
   }
@@ -615,9 +719,9 @@ def write_result(workdir: str, result: dict) -> str:
                         json.dumps(result, indent=2), AuditError)
 
 
-def _peek_config(workdir: str):
-  """The validated config of ``workdir``, checking the run is auditable."""
-  from dssgd_jax.run import config as config_lib  # pylint: disable=g-import-not-at-top
+def _check_run_dir(workdir: str) -> None:
+  """Raises AuditError unless ``workdir`` holds a run's config and
+  checkpoint."""
   from dssgd_jax.run import experiment  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(workdir):
     raise AuditError(f"{workdir} is not a directory; pass the --workdir of a "
@@ -629,38 +733,79 @@ def _peek_config(workdir: str):
   if not os.path.exists(os.path.join(workdir, experiment.CHECKPOINT)):
     raise AuditError(f"{workdir} holds no {experiment.CHECKPOINT}: the run "
                      "has not finished an epoch; run it to the end first.")
-  return config_lib.validate(
-      config_lib.Config.from_dict(_read_json(cfg_path, "config")))
+
+
+def _peek_config(workdir: str):
+  """The validated config of ``workdir``, checking the run is auditable."""
+  from dssgd_jax.run import config as config_lib  # pylint: disable=g-import-not-at-top
+  from dssgd_jax.run import experiment  # pylint: disable=g-import-not-at-top
+  _check_run_dir(workdir)
+  cfg_path = os.path.join(workdir, experiment.CONFIG)
+  data = _read_json(cfg_path, "config")
+  if "dataset" not in data or ("plan" in data and "upload_fraction" not in
+                               data):
+    raise AuditError(f"{workdir} holds the run of a plan built by hand; "
+                     "audit it from Python with audit_run(workdir, "
+                     "plan=plan).")
+  return build.validate(config_lib.Config.from_dict(data))
 
 
 # ----------------------------------------------------------------------------
 # Report.
 
 
+def _claim_text(result: dict) -> str:
+  eps = result.get("epsilon_spent")
+  if eps is None:
+    return ("none: " + (result.get("no_guarantee") or "no guarantee")
+            ).rstrip(".")
+  delta = result.get("delta_spent")
+  return f"ε = {eps:.4g}" + (f", δ = {delta:g}" if delta else "")
+
+
 def format_report(result: dict) -> str:
-  """A plain-text table of an :func:`audit_run` result."""
+  """A plain-text report of an :func:`audit_run` result: each block says
+  which model or release it is about and whether the run's claim covers
+  it."""
   def f(x, fmt="{:.4f}"):
     return "n/a" if x is None else fmt.format(x)
 
   lines = [
-      f"Membership-inference audit of {result['workdir']} "
-      f"({result['algorithm']}, {result['dataset']}/{result['model']}, "
-      f"epoch {result['epoch']}/{result['epochs']})",
-      f"  {result['num_models']} model(s)"
-      + (f" ({result['num_seeds']} seeds)" if result.get("num_seeds", 1) > 1
-         else "")
-      + f"; {result['num_members']} members and "
-      f"{result['num_nonmembers']} non-members each (seed "
-      f"{result['audit_seed']}); at chance level (no leakage) a model's AUC "
-      f"is 0.5 ± {result['chance_auc_se']:.3f} and its advantage about "
-      f"{result['chance_advantage']:.3f}",
-      f"  participant accuracy {f(result['participant_accuracy_mean'])}, "
-      f"epsilon spent {f(result['epsilon_spent'], '{:.4g}')}",
+      f"Audit of {result['workdir']} ({result['algorithm']}, "
+      f"{result['dataset']}/{result['model']}, epoch {result['epoch']}/"
+      f"{result['epochs']}); participant accuracy "
+      f"{f(result['participant_accuracy_mean'])}",
+      f"  The run's privacy claim per participant: {_claim_text(result)}.",
   ]
-  att = result["attacks"]
+  can = result.get("canary")
+  if can is not None:
+    lines.append(
+        f"  What the server received ({can['num_canaries']} canaries, "
+        f"{can['num_included']} included; covered by the claim): measured "
+        f"ε ≥ {can['epsilon_lower']:.3f} at {can['confidence']:.0%} "
+        f"confidence (one-run audit, δ = {can['delta']:g}), TPR at 1% FPR "
+        f"{f(can['tpr_at_1pct_fpr'])}, AUC {f(can['auc'])}"
+        + ("" if can.get("consistent", True) else
+           "  EXCEEDS THE CLAIM"))
+  else:
+    lines.append("  What the server received: not audited (run with "
+                 "--canaries=M for the end-to-end audit).")
   lines.append(
-      f"  accuracy on audit members {att['member_accuracy']['mean']:.4f}, "
-      f"non-members {att['nonmember_accuracy']['mean']:.4f}")
+      f"  Membership inference, {result['num_members']} members and "
+      f"{result['num_nonmembers']} non-members per model (audit seed "
+      f"{result['audit_seed']}; at chance a model's AUC is 0.5 ± "
+      f"{result['chance_auc_se']:.3f} and its advantage about "
+      f"{result['chance_advantage']:.3f}):")
+  att = result["attacks"]
+  about = (result.get("participant_models") or {}).get(
+      "about", "each participant's own final model")
+  lines.append(
+      f"  {about} ({result['num_models']} model(s)"
+      + (f", {result['num_seeds']} seeds" if result.get("num_seeds", 1) > 1
+         else "")
+      + "; no claim covers it: it never leaves its participant): accuracy on "
+      f"audit members {att['member_accuracy']['mean']:.4f}, non-members "
+      f"{att['nonmember_accuracy']['mean']:.4f}")
   lines.append(f"  {'attack':<11} {'AUC mean':>9} {'min':>7} {'max':>7}   "
                f"{'adv. mean':>9} {'min':>7} {'max':>7}")
 
@@ -679,8 +824,9 @@ def format_report(result: dict) -> str:
 
   rows(att)
   if result.get("server"):
-    lines.append(f"  server model (members: {result['server']['num_members']} "
-                 "training examples of all participants):")
+    lines.append(f"  the server's global model (members: "
+                 f"{result['server']['num_members']} training examples of all "
+                 "participants; covered by the claim):")
     rows(result["server"], prefix="")
   return "\n".join(lines)
 

@@ -75,6 +75,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.flatten_util import ravel_pytree
 
 from dssgd_jax.tools import cli
@@ -136,9 +137,10 @@ class Workload:
     self.d = int(self.flat.shape[0])
     self.rule = rules.chain(rules.select_largest(
         selection_lib.upload_count(THETA_U, self.d)))
-    self.update = participant_lib.make_update(
-        participant_lib.make_local_epoch(self.model.apply, self.unravel,
-                                         batch), self.rule, LEARNING_RATE)
+    self.trainer = participant_lib.make_trainer(
+        self.model.apply, self.unravel, batch, optax.sgd(LEARNING_RATE))
+    self.update = participant_lib.make_update(self.trainer, self.rule)
+    self.data = participant_lib.ParticipantData(self.images, self.labels)
     self.key = jax.random.key(seed + 1)
     self.epoch_count = 0
 
@@ -161,7 +163,7 @@ class Workload:
     fn = jax.jit(proto.epoch, donate_argnums=(0,))
     srv = server_lib.init(jnp.array(self.flat, copy=True))  # donated
     loc = jnp.tile(self.flat[None], (self.num, 1))
-    images, labels = self.images, self.labels
+    data = self.data
     if mesh is not None:
       from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
       def split(a):
@@ -169,19 +171,18 @@ class Workload:
             "participants", *([None] * (a.ndim - 1)))))
       rep = NamedSharding(mesh, PartitionSpec())
       srv = jax.device_put(srv, rep)
-      loc, images, labels = split(loc), split(images), split(labels)
+      loc = split(loc)
+      data = jax.tree_util.tree_map(split, data)
     t0 = time.perf_counter()
-    holder = {"state": proto.init(srv, loc)}
-    compiled = fn.lower(holder["state"], images, labels,
-                        self.next_key()).compile()
+    holder = {"state": proto.init(srv, jax.vmap(self.trainer.init)(loc))}
+    compiled = fn.lower(holder["state"], data, self.next_key()).compile()
     compile_s = time.perf_counter() - t0
     mem_bytes = compiled_peak_bytes(compiled)
 
     def run():
       t = time.perf_counter()
-      state, stats = compiled(holder["state"], images, labels,
-                              self.next_key())
-      _block((state["server"].params, state["local"], stats))
+      state, stats = compiled(holder["state"], data, self.next_key())
+      _block((state.server.params, state.local.params, stats))
       holder["state"] = state
       return time.perf_counter() - t
 
@@ -199,14 +200,16 @@ class Workload:
     """
     srv = server_lib.init(jnp.array(self.flat, copy=True))
     loc = jnp.tile(self.flat[None], (self.num, 1))
-    state = proto.init(srv, loc)
+    init_local = jax.vmap(self.trainer.init)
+    state = proto.init(srv, init_local(loc))
     epoch = proto.epoch
     if num_seeds:
       noise = 1e-3 * jax.random.normal(jax.random.key(5),
                                        (num_seeds,) + self.flat.shape)
       state = jax.vmap(lambda z: proto.init(server_lib.init(self.flat + z),
-                                            jnp.tile((self.flat + z)[None],
-                                                     (self.num, 1))))(noise)
+                                            init_local(jnp.tile(
+                                                (self.flat + z)[None],
+                                                (self.num, 1)))))(noise)
       epoch = protocols.over_seeds(proto.epoch, seed_axis)
     fn = jax.jit(epoch, donate_argnums=(0,))
     holder = {"state": state}
@@ -217,8 +220,8 @@ class Workload:
 
     def run():
       t = time.perf_counter()
-      state, stats = fn(holder["state"], self.images, self.labels, keys())
-      _block((state["server"].params, state["local"], stats))
+      state, stats = fn(holder["state"], self.data, keys())
+      _block((state.server.params, state.local.params, stats))
       holder["state"] = state
       return time.perf_counter() - t
 
@@ -291,10 +294,12 @@ class Workload:
   def build_epoch_loop(self):
     update = jax.jit(self.update)
     ones = jnp.ones((self.d,), bool)
+    init = jax.jit(self.trainer.init)
 
     def participant_upload(i, server_params, key):
-      return update(server_params, ones, server_params, self.images[i],
-                    self.labels[i], key)[1]
+      return update(server_params, ones, init(server_params),
+                    participant_lib.ParticipantData(self.images[i],
+                                                    self.labels[i]), key)[1]
 
     return self._loop_runner(participant_upload)
 

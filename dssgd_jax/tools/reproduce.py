@@ -268,7 +268,7 @@ def markdown_table(base: config_lib.Config, rows: list[str], columns,
           "epsilon_spent") for key, _, _ in columns]
       cells.append("0" if first["algorithm"] == "standalone" else "∞" if (
           None in eps) else "/".join(f"{e:g}" for e in eps))
-    cells.append(plot_lib._human_bytes(first["bytes_up_per_epoch"]))  # pylint: disable=protected-access
+    cells.append(plot_lib.human_bytes(first["bytes_up_per_epoch"]))
     cells.append(f"{total_time:.0f} s")
     lines.append("| " + " | ".join(cells) + " |")
   cfg = base

@@ -33,8 +33,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from dssgd_jax import _io
-from dssgd_jax.run import figures as plot_lib
+from dssgd_jax.run import build
 from dssgd_jax.run import config as config_lib
+from dssgd_jax.run import figures as plot_lib
 from dssgd_jax.errors import ConfigError, NonFiniteError
 
 SUMMARY = "summary.json"
@@ -154,10 +155,10 @@ def run_config(base: config_lib.Config, key: str, algorithm: str,
   Raises:
     ConfigError: the run's flags do not validate.
   """
-  cfg = config_lib.for_algorithm(base, algorithm,
+  cfg = build.for_algorithm(base, algorithm,
                                  workdir=os.path.join(base.workdir, key),
                                  **overrides)
-  return config_lib.validate(cfg)
+  return build.validate(cfg)
 
 
 # ----------------------------------------------------------------------------
@@ -202,10 +203,10 @@ def check_existing(runs: Sequence[Run]) -> None:
     ConfigError: a run's directory holds a run with other flags (see
       :func:`dssgd_jax.run.experiment.run`).
   """
-  from dssgd_jax.run import experiment  # pylint: disable=g-import-not-at-top
+  from dssgd_jax.run import outputs  # pylint: disable=g-import-not-at-top
   for run in runs:
     if os.path.isdir(run.config.workdir):
-      experiment._check_config(run.config.workdir, run.config)  # pylint: disable=protected-access
+      outputs.check_resumable(run.config.workdir, build.plan(run.config))
 
 
 def execute(runs: Sequence[Run], log: Log, tool: str,
@@ -228,7 +229,6 @@ def execute(runs: Sequence[Run], log: Log, tool: str,
     The ``(dataset, parts)`` it loaded, for the caller to reuse (None when
     every run was skipped).
   """
-  from dssgd_jax.run import build  # pylint: disable=g-import-not-at-top
   from dssgd_jax.run import experiment  # pylint: disable=g-import-not-at-top
   todo = []
   for run in runs:
@@ -386,7 +386,6 @@ def audit_runs(runs: Sequence[Run], log: Log, tool: str, data=None,
     (each also written to the run's ``audit.json``).
   """
   from dssgd_jax.tools import audit as audit_lib  # pylint: disable=g-import-not-at-top
-  from dssgd_jax.run import build  # pylint: disable=g-import-not-at-top
   attacks = tuple(attacks or audit_lib.ATTACKS)
   out = {}
   for run in runs:
