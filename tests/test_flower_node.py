@@ -234,3 +234,58 @@ def test_own_data_dir(tmp_path):
   os.remove(tmp_path / "data.npz")
   with pytest.raises(ConfigError, match="data.npz"):
     _participant(cfg, 2, tmp_path / "c", data_dir=str(tmp_path))
+
+
+def test_deployed_and_simulated_participants_standardize_identically(
+    tmp_path):
+  # Each participant standardizes with its own training data's statistics:
+  # the simulation (run/data.layout) and a deployed participant reading its
+  # own data.npz give the same images, and evaluate on the same test split.
+  from dssgd_jax.data import load_dataset  # pylint: disable=g-import-not-at-top
+  from dssgd_jax.run import data as run_data  # pylint: disable=g-import-not-at-top
+  cfg = build.validate(config_lib.Config(**TINY, standardize=True,
+                                         workdir=str(tmp_path / "w")))
+  plan = build.plan(cfg)
+  dataset, parts = experiment.load_data(plan)
+  layout = run_data.layout(plan.data, dataset, parts)
+  raw = load_dataset("digits")
+  for i in (0, 2):
+    np.savez(tmp_path / "data.npz", train_images=raw.train_images[parts[i]],
+             train_labels=raw.train_labels[parts[i]],
+             test_images=raw.test_images, test_labels=raw.test_labels)
+    p = _participant(cfg, i, tmp_path / f"d{i}", data_dir=str(tmp_path),
+                     seed=5)
+    np.testing.assert_allclose(p.images, layout.data.images[i], rtol=1e-6,
+                               atol=1e-6)
+    np.testing.assert_allclose(p.stats[0], layout.stats.shift[i], rtol=1e-6)
+    np.testing.assert_allclose(p.stats[1], layout.stats.scale[i], rtol=1e-6)
+  # The pooled statistics would differ: per-participant is not a no-op.
+  pooled = run_data.own_stats(dataset.train_images[parts.reshape(-1)])
+  assert not np.allclose(pooled[0], layout.stats.shift[0])
+
+
+def test_a_mismatched_data_file_is_one_sentence(tmp_path):
+  cfg = build.validate(config_lib.Config(**TINY, workdir=str(tmp_path / "w")))
+  rng = np.random.default_rng(0)
+  good = dict(train_images=rng.random((10, 8, 8, 1), np.float32),
+              train_labels=rng.integers(0, 10, 10),
+              test_images=rng.random((5, 8, 8, 1), np.float32),
+              test_labels=rng.integers(0, 10, 5))
+  cases = [
+      (dict(train_images=rng.random((10, 28, 28, 1), np.float32)),
+       r"train_images has shape \(10, 28, 28, 1\), but --dataset=digits "
+       r"images are \(n, 8, 8, 1\)"),
+      (dict(train_images=(255 * good["train_images"]).astype(np.float32)),
+       "not within \\[0, 1\\]"),
+      (dict(train_images=np.zeros((10, 8, 8, 1), np.uint8)), "not float32"),
+      (dict(test_labels=np.full(5, 10)), "integers 0 to 9"),
+      (dict(train_images=np.zeros((0, 8, 8, 1), np.float32),
+            train_labels=np.zeros(0, int)), "holds no example"),
+      (dict(train_labels=np.zeros(7, int)), "one label per image"),
+  ]
+  for change, message in cases:
+    np.savez(tmp_path / "data.npz", **dict(good, **change))
+    with pytest.raises(ConfigError, match=message) as e:
+      _participant(cfg, 0, tmp_path / "s", data_dir=str(tmp_path))
+    assert str(tmp_path / "data.npz") in str(e.value)
+    assert "\n" not in str(e.value)

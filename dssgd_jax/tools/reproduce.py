@@ -233,6 +233,15 @@ def _audit_cell(res: dict) -> str:
   return f"{a['auc']:.3f} / {a['advantage']:.3f}"
 
 
+def _canary_cell(res: dict) -> str:
+  """Measured ε ≥ (95%) / TPR at 1% FPR of the end-to-end canary audit."""
+  c = (res.get("audit") or {}).get("canary")
+  if not c:
+    return "—"
+  tpr = "—" if c["tpr_at_1pct_fpr"] is None else f"{c['tpr_at_1pct_fpr']:.2f}"
+  return f"{c['epsilon_lower']:.2f} / {tpr}"
+
+
 def markdown_table(base: config_lib.Config, rows: list[str], columns,
                    results: dict[str, dict]) -> str:
   """The Markdown text of ``table.md``."""
@@ -244,9 +253,14 @@ def markdown_table(base: config_lib.Config, rows: list[str], columns,
   if paper:
     head.append(f"paper ({paper[0]})")
   audited = any("audit" in r for r in results.values())
+  canaries = any((r.get("audit") or {}).get("canary")
+                 for r in results.values())
   if audited:
     head += [f"attack AUC / adv., M = {m}, k = {_num(k)}"
              for _, m, k in columns] + ["ε / participant"]
+  if canaries:
+    head += [f"measured ε ≥ / TPR@1%FPR, M = {m}, k = {_num(k)}"
+             for _, m, k in columns]
   head += ["upload / participant / epoch", "time"]
   lines = ["| " + " | ".join(head) + " |",
            "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
@@ -268,6 +282,9 @@ def markdown_table(base: config_lib.Config, rows: list[str], columns,
           "epsilon_spent") for key, _, _ in columns]
       cells.append("0" if first["algorithm"] == "standalone" else "∞" if (
           None in eps) else "/".join(f"{e:g}" for e in eps))
+    if canaries:
+      cells += [_canary_cell(results[f"{row}_{key}"])
+                for key, _, _ in columns]
     cells.append(plot_lib.human_bytes(first["bytes_up_per_epoch"]))
     cells.append(f"{total_time:.0f} s")
     lines.append("| " + " | ".join(cells) + " |")
@@ -313,6 +330,12 @@ def markdown_table(base: config_lib.Config, rows: list[str], columns,
              "(max TPR − FPR) are means over participants. ε per "
              "participant: total over the run by basic composition (∞: no "
              "guarantee; 0: nothing shared)."]
+  if canaries:
+    text += ["", "Measured ε: the end-to-end audit of what the server "
+             "received (`--canaries`, `python -m dssgd_jax.audit`): the "
+             "one-run lower bound of Steinke, Nasr and Jagielski (2023) at "
+             "95% confidence from the canaries' scores, and the attack's TPR "
+             "at 1% FPR; it must never exceed the claimed ε."]
   if paper:
     text += ["", "Paper numbers: SPEC section 6 (seed paper Table 4 for SVHN: "
              "CNN, 1,000 samples per participant; the seed's conclusion for "
@@ -395,7 +418,8 @@ def audit_runs(runs: list[Run], results: dict[str, dict], log,
                              "advantage": loss["advantage"]["mean"],
                              "auc_min": loss["auc"]["min"],
                              "auc_max": loss["auc"]["max"],
-                             "num_members": full["num_members"]}
+                             "num_members": full["num_members"],
+                             "canary": full.get("canary")}
 
 
 def write_results(workdir: str, base, rows, columns, runs, log,

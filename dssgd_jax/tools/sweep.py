@@ -357,7 +357,7 @@ def cached_audit(workdir: str, seed: int,
     return None
   res = _read_json(path)
   if not isinstance(res, dict) or res.get("audit_seed") != seed or (
-      "num_params" not in res) or any(
+      "num_params" not in res) or "canary" not in res or any(
           a not in res.get("attacks", {})
           for a in (attacks or audit_lib.ATTACKS)):
     return None
@@ -396,9 +396,12 @@ def audit_runs(runs: Sequence[Run], log: Log, tool: str, data=None,
       res = audit_lib.audit_run(run.config.workdir, attacks=attacks,
                                 seed=seed, dataset=data[0], parts=data[1])
     loss = res["attacks"]["loss"]
+    can = res.get("canary")
     log(f"[{tool}] audit {run.key}: loss-attack AUC "
         f"{loss['auc']['mean']:.4f}, advantage "
-        f"{loss['advantage']['mean']:.4f}")
+        f"{loss['advantage']['mean']:.4f}" + (
+            "" if can is None else
+            f"; canaries: measured ε ≥ {can['epsilon_lower']:.3f}"))
     out[run.key] = res
   return out
 
