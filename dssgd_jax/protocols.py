@@ -69,6 +69,9 @@ class EpochStats(NamedTuple):
     received: the uploads as the server received them, (P, c) (a lost one
       all masked): what an observer at the server sees (the canary audit
       scores it).
+    staleness: for the arrival-order protocol, each upload's staleness (the
+      uploads of others the server applied between its download and its
+      arrival); None otherwise.
   """
   loss: jax.Array
   uploaded: jax.Array
@@ -76,6 +79,7 @@ class EpochStats(NamedTuple):
   upload_lost: jax.Array
   download_lost: jax.Array | None = None
   received: Upload | None = None
+  staleness: jax.Array | None = None
 
 
 @flax.struct.dataclass
@@ -441,6 +445,113 @@ def asynchronous(update: Callable, download: server_lib.DownloadRule, *,
     return State(server, new_local, ring, agg), stats
 
   return Protocol(init, epoch, "async")
+
+
+@flax.struct.dataclass
+class Arrivals:
+  """The arrival-order protocol's per-participant bookkeeping.
+
+  Attributes:
+    params, stat: (P, D) the server's parameters and update counters when
+      each participant's outstanding download was taken.
+    visits: (P,) int32 how many times each participant has trained.
+    sent_at: (P,) int32 how many uploads the server had applied when it
+      sent each participant its download.
+    applied: int32 scalar, uploads applied so far.
+  """
+  params: jax.Array
+  stat: jax.Array
+  visits: jax.Array
+  sent_at: jax.Array
+  applied: jax.Array
+
+
+def visit_key(train_key: jax.Array, visit: jax.Array, index) -> jax.Array:
+  """The key of participant ``index``'s ``visit``-th training (1-based):
+  the key the synchronous protocols give it in epoch ``visit``
+  (``fold_in(fold_in(train_key, visit), index)``, as
+  :func:`participant_keys`), so a deployed participant numbers its visits
+  as epochs."""
+  return jax.random.fold_in(jax.random.fold_in(train_key, visit), index)
+
+
+def arrivals(update: Callable, download: server_lib.DownloadRule,
+             order: Any, train_key: jax.Array, *,
+             aggregation: aggregation_lib.Aggregation | None = None,
+             stat_decay: float = 1.0, decay_every: int = 1) -> Protocol:
+  """Asynchronous DSSGD with the uploads applied in a given arrival order:
+  what a deployed asynchronous run computes (:mod:`dssgd_jax.flower.
+  server_app`), replayed from its recorded order.
+
+  Every participant trains from the server state it was last sent: at the
+  start, the initial server; then the server right after its own previous
+  upload was applied (the server answers each upload with the next
+  download). Its upload is applied to the *current* server on arrival, so
+  it is stale by the uploads of others applied since its download.
+  Epoch e is the e-th block of P arrivals, ``order[e - 1]`` (participant
+  indices; a fast participant may appear twice in a block, a slow one not
+  at all). Participant i's r-th training uses :func:`visit_key`
+  ``(train_key, r, i)``, as a deployed participant does.
+
+  Args:
+    update, download: as :func:`parallel`.
+    order: (E, P) int the arrivals, epoch by epoch.
+    train_key: the run's train key (the visits' keys derive from it).
+    aggregation, stat_decay, decay_every: as :func:`parallel`.
+
+  Returns:
+    The protocol (name ``arrivals``); its ``EpochStats`` are per arrival (P
+    entries, in arrival order, ``staleness`` included), and the state's
+    ``ring`` field holds the :class:`Arrivals` bookkeeping.
+  """
+  order = jnp.asarray(order, jnp.int32)
+  aggregation = _aggregation(aggregation)
+
+  def init(server, local):
+    num = local.params.shape[0]
+    book = Arrivals(jnp.tile(server.params[None], (num, 1)),
+                    jnp.tile(server.stat[None], (num, 1)),
+                    jnp.zeros((num,), jnp.int32), jnp.zeros((num,), jnp.int32),
+                    jnp.zeros((), jnp.int32))
+    return State(server, local, book, aggregation.init(server.params))
+
+  def epoch(state, data, key):
+    del key  # each visit's key comes from the train key and its number
+    events = order[state.server.epoch]
+
+    def body(carry, i):
+      srv, agg, local, book = carry
+      visit = book.visits[i] + 1
+      k = jax.random.split(visit_key(train_key, visit, i))
+      k_dl, k_up = k[0], k[1]
+      snap = server_lib.ServerState(book.params[i], book.stat[i],
+                                    jnp.zeros((), jnp.int32))
+      mask = download.mask(snap, k_dl)
+      mine = jax.tree_util.tree_map(lambda x: x[i], local)
+      dat = jax.tree_util.tree_map(lambda x: x[i], data)
+      new, upload, loss = update(book.params[i], mask, mine, dat, k_up)
+      srv, agg = aggregation.apply(
+          srv, agg, jax.tree_util.tree_map(lambda x: x[None], upload),
+          example_weights(data)[i][None])
+      stale = book.applied - book.sent_at[i]
+      applied = book.applied + 1
+      local = jax.tree_util.tree_map(lambda a, b: a.at[i].set(b), local, new)
+      book = Arrivals(book.params.at[i].set(srv.params),
+                      book.stat.at[i].set(srv.stat),
+                      book.visits.at[i].set(visit),
+                      book.sent_at.at[i].set(applied), applied)
+      return (srv, agg, local, book), (loss, upload.count, jnp.sum(mask),
+                                       stale)
+
+    (server, agg, local, book), (losses, up, down, stale) = jax.lax.scan(
+        body, (state.server, state.aggregation, state.local, state.ring),
+        events)
+    server = _end(server, stat_decay, decay_every)
+    lost = jnp.zeros(losses.shape, bool)
+    return State(server, local, book, agg), EpochStats(
+        losses, up, down, lost, lost, None, stale)
+
+  return Protocol(init, epoch, "arrivals")
 
 
 def over_seeds(epoch_fn: Callable, lowering: str,

@@ -22,7 +22,10 @@ SERVER_NODE_ID = 1  # the SuperLink's node id, which the server app sends as
 class LocalGrid:
   """``get_node_ids``, ``push_messages``, ``pull_messages``, as Flower's."""
 
-  def __init__(self, node_configs: dict[int, dict]):
+  def __init__(self, node_configs: dict[int, dict], one_at_a_time=None):
+    """``one_at_a_time``: a ``random.Random``; then each pull answers one
+    pending message, chosen with it (participants of random speeds)."""
+    self.rng = one_at_a_time
     self.contexts = {
         nid: Context(run_id=RUN_ID, node_id=nid, node_config=dict(conf),
                      state=RecordDict(), run_config={})
@@ -61,7 +64,13 @@ class LocalGrid:
 
   def pull_messages(self, message_ids):
     out = []
-    for mid in list(message_ids):
+    message_ids = list(message_ids)
+    if self.rng is not None:
+      ready = [m for m in message_ids if m in self.pending and
+               self.pending[m].metadata.dst_node_id not in
+               self.offline | self.held]
+      message_ids = [self.rng.choice(ready)] if ready else []
+    for mid in message_ids:
       m = self.pending.get(mid)
       if m is None:
         continue

@@ -79,3 +79,49 @@ def test_a_run_over_a_participants_budget_is_refused_then(tmp_path):
     ledger = [json.loads(l) for l in open(tmp_path / f"p{i}" /
                                           "ledger.jsonl")]
     assert max(l["run_epsilon"] for l in ledger) == want
+
+
+def test_async_deployment_equals_the_simulation_of_its_arrival_order(
+    tmp_path):
+  """Asynchronous DSSGD over Flower: participants of random speeds (one
+  reply answered per poll, chosen at random), each upload applied on
+  arrival. Replaying the recorded arrival order in simulation
+  (protocols.arrivals, a protocol passed to a plan by hand) gives the
+  deployed server's parameters; every upload's staleness is recorded."""
+  import random  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from dssgd_jax import protocols  # pylint: disable=g-import-not-at-top
+  from dssgd_jax.run import experiment  # pylint: disable=g-import-not-at-top
+  opened = dict(OPEN, seed=3)
+  grid = LocalGrid(_nodes(tmp_path, [opened] * 3),
+                   one_at_a_time=random.Random(7))
+  rows = _run(tmp_path, grid, "--protocol=async --epochs=3 "
+              "--download_fraction=0.5 --eval_every=3")
+  order = [r["arrivals"] for r in rows]
+  assert all(len(o) == 3 for o in order)
+  assert any(len(set(o)) < 3 for o in order), order  # a fast participant
+  assert all(len(r["staleness"]) == 3 for r in rows)
+  assert max(max(r["staleness"]) for r in rows) > 0
+  assert rows[0]["staleness"][0] == 0  # the first arrival is not stale
+
+  cfg = server_app.parse_flags(f"{FLAGS} --workdir={tmp_path / 'sim'} "
+                               "--protocol=parallel --epochs=3 "
+                               "--download_fraction=0.5 --eval_every=3")
+  from dssgd_jax.run import build  # pylint: disable=g-import-not-at-top
+  train_key = jax.random.split(jax.random.key(cfg.seed))[1]
+  replay = lambda update, download, agg, axis, plan: protocols.arrivals(
+      update, download, np.asarray(order), train_key, aggregation=agg,
+      stat_decay=plan.stat_decay, decay_every=plan.decay_every)
+  plan = build.plan(cfg).replace(protocol=replay)
+  experiment.run(plan, log=lambda m: None)
+  with np.load(tmp_path / "sim" / "checkpoint.npz") as sim, np.load(
+      tmp_path / "server" / "checkpoint.npz") as dep:
+    np.testing.assert_allclose(dep["state['server'].params"],
+                               sim["state.protocol.server.params"],
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(dep["state['visits']"],
+                                  sim["state.protocol.ring.visits"])
+  with open(tmp_path / "sim" / "metrics.jsonl") as f:
+    sim_rows = [json.loads(l) for l in f]
+  assert [r["staleness"] for r in sim_rows] == [r["staleness"] for r in rows]

@@ -68,10 +68,11 @@ def _participant(message: Message, context: Context):
     state_dir = str(node["state-dir"])
     os.makedirs(state_dir, exist_ok=True)
     import jax  # pylint: disable=g-import-not-at-top
-    # A participant compiles once per machine, not at every visit.
-    jax.config.update("jax_compilation_cache_dir",
-                      os.path.join(state_dir, "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    # A participant compiles once per machine, not at every start.
+    if not jax.config.jax_compilation_cache_dir:
+      jax.config.update("jax_compilation_cache_dir",
+                        os.path.join(state_dir, "jax_cache"))
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     from dssgd_jax.flower import node as node_lib  # pylint: disable=g-import-not-at-top
     from dssgd_jax.run import build  # pylint: disable=g-import-not-at-top
     from dssgd_jax.run import config as config_lib  # pylint: disable=g-import-not-at-top
@@ -122,6 +123,13 @@ def reply_content(visit) -> RecordDict:
   return content
 
 
+def handle(message: Message, context: Context) -> Message:
+  """Every message type of the app (what ``python -m dssgd_jax.flower
+  participant`` runs in its own warm process, :mod:`.executor`)."""
+  return {wire.TRAIN: train, wire.HELLO: hello}[
+      message.metadata.message_type](message, context)
+
+
 @app.train()
 def train(message: Message, context: Context) -> Message:
   """Policy check, download, one local epoch, upload
@@ -133,13 +141,27 @@ def train(message: Message, context: Context) -> Message:
   epoch ends, so this is the accuracy the simulation reports, without a
   second message.
   """
-  p = _participant(message, context)
+  from dssgd_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   conf = message.content[wire.CONFIG]
-  down = message.content[wire.DOWNLOAD]
-  init = (message.content[wire.INIT] if wire.INIT in message.content.
-          array_records else None)
-  visit = p.visit(int(conf["epoch"]), wire.get(down, "indices"),
-                  wire.get(down, "values"),
-                  None if init is None else wire.get(init, "values"),
-                  evaluate=bool(int(conf.get("evaluate", 0))))
+  try:
+    p = _participant(message, context)
+    down = message.content[wire.DOWNLOAD]
+    init = (message.content[wire.INIT] if wire.INIT in message.content.
+            array_records else None)
+    visit = p.visit(int(conf["epoch"]), wire.get(down, "indices"),
+                    wire.get(down, "values"),
+                    None if init is None else wire.get(init, "values"),
+                    evaluate=bool(int(conf.get("evaluate", 0))))
+  except UserError as e:  # e.g. its data does not fit the run: one sentence
+    _log_line(str(e))
+    return Message(RecordDict({
+        wire.METRICS: wire.metrics(epoch=int(conf["epoch"])),
+        wire.CONFIG: wire.config(error=str(e))}), reply_to=message)
   return Message(reply_content(visit), reply_to=message)
+
+
+def _log_line(msg: str) -> None:
+  import sys  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  print(f"[dssgd participant {time.strftime('%H:%M:%S')}] {msg}",
+        file=sys.stderr, flush=True)

@@ -76,6 +76,12 @@ class Coordinator:
                                                                  self.num))
     return both[:, 0]
 
+  def visit_download_key(self, index: int, visit: int) -> jax.Array:
+    """The download key of participant ``index``'s ``visit``-th training
+    in an asynchronous run (:func:`dssgd_jax.protocols.visit_key`)."""
+    return jax.random.split(protocols.visit_key(self.train_key, visit,
+                                                index))[0]
+
   def download_for(self, index: int, key: jax.Array,
                    state: server_lib.ServerState | None = None
                    ) -> tuple[np.ndarray | None, np.ndarray]:

@@ -160,13 +160,38 @@ def load_data_dir(path: str, plan) -> data_base.Dataset:
   return transforms.preprocess(ds, model=plan.model, standardize=False)
 
 
-def check_data(arrays: dict, dataset: str, file: str) -> None:
-  """Raises ConfigError unless ``arrays`` hold ``dataset``'s examples."""
-  shape = tuple(datasets_lib.IMAGE_SHAPES[dataset])
+def check_data_file(file: str) -> None:
+  """What can be checked of a ``data.npz`` before the run names its
+  dataset (every check of :func:`check_data` but the image shape).
+
+  Raises:
+    ConfigError: one sentence naming the file and what is wrong.
+  """
+  try:
+    with np.load(file) as z:
+      arrays = {k: z[k] for k in DATA_ARRAYS}
+  except (OSError, KeyError, ValueError, EOFError) as e:
+    raise ConfigError(f"{file} is not a readable data file with "
+                      "train_images, train_labels, test_images and "
+                      f"test_labels ({e}).") from None
+  check_data(arrays, None, file)
+
+
+def check_data(arrays: dict, dataset: str | None, file: str) -> None:
+  """Raises ConfigError unless ``arrays`` hold ``dataset``'s examples
+  (any dataset's image shape when ``dataset`` is None)."""
+  shape = None if dataset is None else tuple(
+      datasets_lib.IMAGE_SHAPES[dataset])
   for split in ("train", "test"):
     x, y = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-    want = f"(n, {', '.join(map(str, shape))})"
-    if x.ndim != 4 or tuple(x.shape[1:]) != shape:
+    if shape is None:
+      if x.ndim != 4:
+        raise ConfigError(f"{file}: {split}_images has shape "
+                          f"{tuple(x.shape)}, not (n, height, width, "
+                          "channels); see the data.npz recipe in "
+                          "docs/deployment.md.")
+    elif x.ndim != 4 or tuple(x.shape[1:]) != shape:
+      want = f"(n, {', '.join(map(str, shape))})"
       raise ConfigError(
           f"{file}: {split}_images has shape {tuple(x.shape)}, but "
           f"--dataset={dataset} images are {want}; see the data.npz recipe "

@@ -25,6 +25,7 @@ checkpoint when started again with the same flags.
 
 import json
 import os
+import re
 import shlex
 import sys
 import time
@@ -32,11 +33,14 @@ import time
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from dssgd_jax.flower import supernode as supernode_lib
 from dssgd_jax.flower import wire
 
 app = ServerApp()
+# The server app's pulls of replies retry after 10 ms, not Flower's 1 s.
+supernode_lib.shorten_object_retries()
 
-PROTOCOLS = ("round_robin", "parallel")
+PROTOCOLS = ("round_robin", "parallel", "async")
 POLL_S = 0.1  # how often the server asks the SuperLink for replies
 
 
@@ -47,16 +51,29 @@ def parse_flags(text: str):
   from dssgd_jax.run import config as config_lib  # pylint: disable=g-import-not-at-top
   fv = flags.FlagValues()
   config_lib.define_flags(fv)
+  argv = shlex.split(text)
   try:
-    fv(["dssgd_jax.flower"] + shlex.split(text))
+    fv(["dssgd_jax.flower"] + argv)
   except flags.Error as e:
-    raise ConfigError(f"run config flags: {e}") from None
+    raise ConfigError(f"--flags: {_flag_error_source(argv, e)}"
+                      f"{' '.join(str(e).split())}") from None
   from dssgd_jax.run import build  # pylint: disable=g-import-not-at-top
-  cfg = build.validate(config_lib.from_flags(fv))
+  cfg = config_lib.Config(**{n: fv[n].value for n in config_lib.FIELDS})
+  if cfg.protocol == "async":
+    if cfg.max_staleness or cfg.staleness != "constant":
+      raise ConfigError(
+          "--max_staleness and --staleness are simulation flags: a deployed "
+          "--protocol=async run's staleness is real (each upload's is "
+          "recorded in metrics.jsonl); leave them out.")
+    # Validated as the parallel protocol, whose flags it reads.
+    cfg = build.validate(cfg.replace(protocol="parallel")).replace(
+        protocol="async")
+  else:
+    cfg = build.validate(cfg)
   if cfg.algorithm != "dssgd" or cfg.protocol not in PROTOCOLS:
     raise ConfigError(
-        f"A deployed run is --algorithm=dssgd with --protocol=round_robin or "
-        f"parallel, not --algorithm={cfg.algorithm} "
+        f"A deployed run is --algorithm=dssgd with --protocol=round_robin, "
+        f"parallel or async, not --algorithm={cfg.algorithm} "
         f"--protocol={cfg.protocol}.")
   if (cfg.upload_loss or cfg.download_loss or cfg.num_seeds > 1
       or cfg.canaries):
@@ -68,9 +85,42 @@ def parse_flags(text: str):
   return cfg
 
 
+def _flag_error_source(argv: list[str], error: Exception) -> str:
+  """``FILE: `` when the bad flag of ``error`` comes from a flagfile of
+  ``argv`` (absl does not say which), else nothing."""
+  m = re.search(r"--?(\w+)", str(error)) or re.search(r"'(\w+)'",
+                                                        str(error))
+  if not m:
+    return ""
+  name = m.group(1)
+  for arg in argv:
+    if arg.startswith("--flagfile="):
+      path = arg[len("--flagfile="):]
+      try:
+        with open(path) as f:
+          if re.search(rf"^\s*--?{re.escape(name)}\b", f.read(), re.M):
+            return f"{path}: "
+      except OSError:
+        return f"{path}: "
+  return ""
+
+
 def _log(msg: str) -> None:
   print(f"[dssgd server {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr,
         flush=True)
+
+
+def participant_config(cfg):
+  """The config a participant builds its plan from: an asynchronous run's
+  participants train as the parallel protocol's do (the server decides when
+  each one's upload is applied)."""
+  return cfg.replace(protocol="parallel") if cfg.protocol == "async" else cfg
+
+
+def _deployed_plan(cfg):
+  from dssgd_jax.run import build  # pylint: disable=g-import-not-at-top
+  plan = build.plan(participant_config(cfg))
+  return plan.replace(protocol="async") if cfg.protocol == "async" else plan
 
 
 class Deployment:
@@ -83,10 +133,10 @@ class Deployment:
     self.cfg = cfg
     self.reply_timeout = reply_timeout
     self.connect_timeout = connect_timeout
-    self.co = coordinator.Coordinator(cfg)
+    self.co = coordinator.Coordinator(participant_config(cfg))
     self.nodes: dict[int, int] = {}  # participant index -> node id
     self.seen: set[int] = set()  # participants that trained in this process
-    self.run_json = cfg.to_json()
+    self.run_json = participant_config(cfg).to_json()
     self.server_eval = None
     if server_eval:
       self.server_eval = self._server_evaluator()
@@ -172,6 +222,128 @@ class Deployment:
     up = content[wire.UPLOAD]
     return wire.get(up, "indices"), wire.get(up, "values")
 
+  # -- the asynchronous protocol ---------------------------------------------
+  def arrivals(self, start: int, epochs: int):
+    """Asynchronous DSSGD, event by event: every participant always has one
+    training message out; each upload is applied when it arrives, and its
+    participant is at once sent its next download from the server as it
+    then is. Yields one result per epoch, an epoch being a block of N
+    arrivals (:func:`dssgd_jax.protocols.arrivals` replays the recorded
+    order in simulation), with each upload's staleness: the uploads of
+    others applied between its download and its arrival."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    n = self.cfg.num_participants
+    if not hasattr(self, "visits"):
+      self.visits = [0] * n
+    applied = start * n
+    sent_at = {}       # participant -> uploads applied when it was sent
+    pending = {}       # message id -> (participant, send time, bytes, down)
+    block = self._new_block(n)
+
+    def send(i):
+      r = self.visits[i] + 1  # its next training
+      key = self.co.visit_download_key(i, r)
+      msg, down, nbytes = self._train_message(i, r, key, self.co.state, False)
+      ids = list(self.grid.push_messages([msg]))
+      if ids and ids[0]:
+        pending[ids[0]] = (i, time.time(), nbytes, down)
+        sent_at[i] = applied
+      else:
+        _log(f"participant {i}: its message could not be sent")
+        self.nodes.pop(i, None)
+
+    self.discover(0.0)
+    for i in sorted(self.nodes):
+      send(i)
+    last_discovery = time.time()
+    while applied < epochs * n:
+      if not pending and time.time() - last_discovery > 60.0:
+        raise RuntimeError("every participant is gone: no upload for "
+                           "60 s")
+      got = self.grid.pull_messages(list(pending)) if pending else []
+      for r in got:
+        entry = pending.pop(r.metadata.reply_to_message_id, None)
+        if entry is None:
+          continue
+        i, _, nbytes, down = entry
+        if r.has_error():
+          _log(f"participant {i} answered with an error: {r.error.reason}")
+          block["lost"][i] = True
+          self.nodes.pop(i, None)
+          continue
+        up = self._take_async(block, i, r.content, down, nbytes)
+        if up is None:  # a refusal or an error: it is not sent again
+          self.nodes.pop(i, None)
+          continue
+        self.co.receive([up])
+        block["staleness"].append(applied - sent_at[i])
+        block["arrivals"].append(i)
+        applied += 1
+        self.visits[i] += 1
+        if applied < epochs * n:
+          send(i)
+        if applied % n == 0:
+          self.co.end_epoch()
+          yield self._block_result(block)
+          block = self._new_block(n)
+      now = time.time()
+      for mid, (i, sent, _, _) in list(pending.items()):
+        if now - sent > self.reply_timeout:
+          _log(f"participant {i} did not upload within "
+               f"{self.reply_timeout:.0f} s (lost)")
+          del pending[mid]
+          block["lost"][i] = True
+          self.nodes.pop(i, None)
+      if now - last_discovery > 5.0 and len(self.nodes) < n:
+        before = set(self.nodes)
+        self.discover(0.0)  # participants that came back
+        for i in sorted(set(self.nodes) - before):
+          send(i)
+        last_discovery = now
+      if not got:
+        time.sleep(POLL_S)
+
+  @staticmethod
+  def _new_block(n: int) -> dict:
+    return {"loss": [], "uploaded": [], "downloaded": [], "lost": [False] * n,
+            "wire_up": [], "wire_down": [], "accuracy": [], "refused": {},
+            "errors": {}, "arrivals": [], "staleness": []}
+
+  def _take_async(self, block, i, content, down, nbytes):
+    """An arrived reply: its upload, or None for a refusal or an error
+    (recorded in the block)."""
+    if wire.CONFIG in content.config_records:
+      conf = content[wire.CONFIG]
+      for what in ("refused", "error"):
+        if what in conf:
+          block["refused" if what == "refused" else "errors"][i] = str(
+              conf[what])
+          _log(f"participant {i}: {conf[what]}")
+          return None
+    idx, val = self._upload(content)
+    m = content[wire.METRICS]
+    if "loss" in m:
+      block["loss"].append(float(m["loss"]))
+    block["uploaded"].append(len(idx))
+    block["downloaded"].append(down)
+    block["wire_down"].append(nbytes)
+    block["wire_up"].append(wire.content_bytes(content))
+    self.seen.add(i)
+    return idx, val
+
+  @staticmethod
+  def _block_result(block) -> dict:
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    lost = list(block["lost"])  # timed out or failed in this block
+    return {"loss": block["loss"] or [np.nan],
+            "uploaded": block["uploaded"], "downloaded": block["downloaded"],
+            "lost": lost, "wire_up": block["wire_up"],
+            "wire_down": block["wire_down"], "accuracy": [],
+            "refused": block["refused"], "errors": block["errors"],
+            "took_part": len(set(block["arrivals"])),
+            "arrivals": list(block["arrivals"]),
+            "staleness": list(block["staleness"])}
+
   def epoch(self, epoch: int, evaluate: bool) -> dict:
     """One epoch of the protocol; returns per-participant results (with
     ``evaluate``, the accuracies the participants report of the models they
@@ -180,7 +352,7 @@ class Deployment:
     n = self.cfg.num_participants
     res = {"loss": [np.nan] * n, "uploaded": [0] * n, "downloaded": [0] * n,
            "lost": [True] * n, "wire_up": [], "wire_down": [],
-           "accuracy": [], "refused": {}, "took_part": 0}
+           "accuracy": [], "refused": {}, "errors": {}, "took_part": 0}
     keys = self.co.download_keys(epoch)
 
     def take(index, content, down, sent_bytes):
@@ -191,12 +363,14 @@ class Deployment:
       res["downloaded"][index] = down  # it arrived: the participant answered
       res["wire_down"].append(sent_bytes)
       res["wire_up"].append(wire.content_bytes(content))
-      if wire.CONFIG in content.config_records and (
-          "refused" in content[wire.CONFIG]):
-        reason = str(content[wire.CONFIG]["refused"])
-        res["refused"][index] = reason
-        _log(f"epoch {epoch}: {reason}")
-        return None
+      if wire.CONFIG in content.config_records:
+        conf = content[wire.CONFIG]
+        for what in ("refused", "error"):
+          if what in conf:
+            reason = str(conf[what])
+            res["refused" if what == "refused" else "errors"][index] = reason
+            _log(f"epoch {epoch}: participant {index}: {reason}")
+            return None
       idx, val = self._upload(content)
       if "loss" in m:
         res["loss"][index] = float(m["loss"])
@@ -246,10 +420,9 @@ def run(grid: Grid, cfg, reply_timeout: float = 600.0,
   events, checkpoints, summary, figures)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from dssgd_jax import protocols  # pylint: disable=g-import-not-at-top
-  from dssgd_jax.run import build  # pylint: disable=g-import-not-at-top
   from dssgd_jax.run import events as events_lib  # pylint: disable=g-import-not-at-top
   from dssgd_jax.run import outputs  # pylint: disable=g-import-not-at-top
-  plan = build.plan(cfg)
+  plan = _deployed_plan(cfg)
   workdir = outputs.prepare_workdir(cfg.workdir)
   outputs.check_resumable(workdir, plan)
   dep = Deployment(grid, cfg, reply_timeout, connect_timeout, server_eval)
@@ -257,10 +430,14 @@ def run(grid: Grid, cfg, reply_timeout: float = 600.0,
   metrics_path = os.path.join(workdir, outputs.METRICS)
   start = 0
   template = {"server": dep.co.state, "aggregation": dep.co.aggregation_state}
+  if cfg.protocol == "async":  # each participant's trainings so far
+    template["visits"] = np.zeros(cfg.num_participants, np.int32)
   if os.path.exists(ckpt):
     state, start = outputs.load_checkpoint(ckpt, template, dep.co.train_key)
     dep.co.state = state["server"]
     dep.co.aggregation_state = state["aggregation"]
+    if "visits" in state:
+      dep.visits = np.asarray(state["visits"]).astype(int).tolist()
     _log(f"resuming {workdir} after epoch {start}")
   rows = [r for r in outputs.read_metrics(metrics_path)
           if r["epoch"] <= start]
@@ -272,13 +449,18 @@ def run(grid: Grid, cfg, reply_timeout: float = 600.0,
   dep.discover(connect_timeout)
   _log(f"{len(dep.nodes)} of {cfg.num_participants} participants connected")
   elapsed = rows[-1]["elapsed_s"] if rows else 0.0
+  blocks = (dep.arrivals(start, cfg.epochs) if cfg.protocol == "async"
+            else None)
   try:
     for epoch in range(start + 1, cfg.epochs + 1):
       t0 = time.time()
-      if len(dep.nodes) < cfg.num_participants:
-        dep.discover(0.0)  # participants that came back
       evaluate = outputs.is_eval_epoch(plan, epoch)
-      res = dep.epoch(epoch, evaluate)
+      if blocks is not None:
+        res = next(blocks)
+      else:
+        if len(dep.nodes) < cfg.num_participants:
+          dep.discover(0.0)  # participants that came back
+        res = dep.epoch(epoch, evaluate)
       acc = server_acc = None
       if evaluate:
         acc = np.asarray(res["accuracy"]) if res["accuracy"] else None
@@ -287,17 +469,23 @@ def run(grid: Grid, cfg, reply_timeout: float = 600.0,
       # Participants that do not report their loss (the default policy) are
       # left out of the mean: with none, train_loss is null.
       losses = np.asarray([l for l in res["loss"] if np.isfinite(l)])
-      stats = protocols.EpochStats(losses, np.asarray(res["uploaded"]),
-                                   np.asarray(res["downloaded"]),
-                                   np.asarray(res["lost"]))
+      stats = protocols.EpochStats(
+          losses, np.asarray(res["uploaded"]), np.asarray(res["downloaded"]),
+          np.asarray(res["lost"]),
+          staleness=(None if "staleness" not in res else
+                     np.asarray(res["staleness"])))
       row = {"epoch": epoch}
       row.update(outputs.run_fields(plan, epoch, acc, server_acc, stats))
+      if "arrivals" in res:
+        row["arrivals"] = res["arrivals"]
       wall = time.time() - t0
       row.update(
           num_models=res["took_part"], num_params=dep.co.num_params,
           missing=[i for i in range(cfg.num_participants)
-                   if res["lost"][i] and i not in res["refused"]],
+                   if res["lost"][i] and i not in res["refused"]
+                   and i not in res["errors"]],
           refused={str(i): r for i, r in sorted(res["refused"].items())},
+          errors={str(i): r for i, r in sorted(res["errors"].items())},
           wire_bytes_up=(float(np.mean(res["wire_up"])) if res["wire_up"]
                          else 0.0),
           wire_bytes_down=(float(np.mean(res["wire_down"]))
@@ -307,9 +495,10 @@ def run(grid: Grid, cfg, reply_timeout: float = 600.0,
       rows.append(row)
       outputs.append_metrics(metrics_path, row)
       tb.write(epoch, row)
-      outputs.save_checkpoint(ckpt, {"server": dep.co.state,
-                                     "aggregation": dep.co.aggregation_state},
-                              epoch, dep.co.train_key)
+      saved = {"server": dep.co.state, "aggregation": dep.co.aggregation_state}
+      if blocks is not None:
+        saved["visits"] = np.asarray(dep.visits, np.int32)
+      outputs.save_checkpoint(ckpt, saved, epoch, dep.co.train_key)
       acc_text = ("" if row["participant_accuracy_mean"] is None else
                   f" test acc {row['participant_accuracy_mean']:.4f}")
       loss_text = ("" if row["train_loss"] is None else

@@ -180,7 +180,7 @@ def _run_epoch(protocol: protocols.Protocol, canaries):
   def epoch(state: RunState, data, key):
     new, stats = protocol.epoch(state.protocol, data, key)
     scores = state.canary_scores
-    if canaries is not None:
+    if canaries is not None and stats.received is not None:
       owner, index, sign = canaries
       scores = scores + canaries_lib.observe(stats.received, owner, index,
                                              sign)

@@ -316,6 +316,10 @@ def run_fields(plan, epoch: int, acc, server_acc, stats) -> dict:
                       int(np.sum(np.asarray(stats.download_lost)))),
       epsilon_spent=claim.epsilon,
       delta_spent=None if claim.epsilon is None else claim.delta)
+  if getattr(stats, "staleness", None) is not None:
+    stale = np.asarray(stats.staleness)
+    out.update(staleness=[int(x) for x in stale.ravel()],
+               staleness_mean=float(stale.mean()) if stale.size else None)
   return out
 
 
