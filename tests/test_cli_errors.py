@@ -288,8 +288,10 @@ def test_missing_dataset_files(tmp_path):
   out = _cli(["--dataset=mnist", "--data_source=files", f"--data_dir={empty}",
               "--num_participants=2", "--samples_per_participant=10",
               "--batch_size=5",
-              f"--workdir={tmp_path / 'w'}"])
+              f"--workdir={tmp_path / 'w' / 'run'}"])
   _assert_one_line_error(out, str(empty))
+  # The run created its work directory, wrote nothing and left no trace.
+  assert not (tmp_path / "w").exists()
 
 
 @pytest.mark.parametrize("name", ["checkpoint.npz", "config.json"])

@@ -433,6 +433,10 @@ def run_run(args) -> int:
       f"reply-timeout={float(args.reply_timeout)}",
       f"connect-timeout={float(args.connect_timeout)}",
       f"server-eval={'true' if args.server_eval else 'false'}"])
+  def terminated(*_):
+    raise KeyboardInterrupt  # SIGTERM stops the run as Ctrl-C does
+
+  signal.signal(signal.SIGTERM, terminated)
   with FlwrHome(args) as home:
     proc = subprocess.Popen(["flwr", "run", APP_DIR, CONNECTION,
                              "--run-config", run_config, "--stream"],

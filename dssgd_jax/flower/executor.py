@@ -25,7 +25,12 @@ import threading
 import time
 from typing import Callable
 
-POLL_S = 0.05  # how often an idle executor asks its SuperNode for a task
+# How often an idle executor asks its SuperNode for a task: every POLL_S
+# seconds after a task, the wait growing by IDLE_GROWTH per empty answer up to
+# IDLE_POLL_S (an idle participant costs little CPU; a busy one answers fast).
+POLL_S = 0.05
+IDLE_POLL_S = 0.25
+IDLE_GROWTH = 1.25
 HEARTBEAT_S = 10.0  # a task's token expires after 60 s without one
 
 
@@ -136,7 +141,8 @@ def handle_task(address: str, token: str,
 
 def serve(address: str, handler: Callable, stop: threading.Event,
           log: Callable[[str], None] | None = None,
-          poll_s: float = POLL_S, child=None) -> None:
+          poll_s: float = POLL_S, idle_poll_s: float = IDLE_POLL_S,
+          child=None) -> None:
   """Asks the SuperNode at ``address`` (its local runtime API) for tasks
   and handles each in this process, until ``stop`` is set.
 
@@ -145,7 +151,8 @@ def serve(address: str, handler: Callable, stop: threading.Event,
     handler: ``(message, context) -> reply message``.
     stop: set it to end the loop.
     log: one line per task (message type and seconds), or None.
-    poll_s: the wait between two requests while the SuperNode has no task.
+    poll_s, idle_poll_s: the wait between two requests while the SuperNode
+      has no task: ``poll_s`` after a task, growing to ``idle_poll_s``.
     child: the SuperNode's process, if this process started it: serving
       ends when it does.
   """
@@ -153,6 +160,7 @@ def serve(address: str, handler: Callable, stop: threading.Event,
   from flwr.supercore.constant import TaskType  # pylint: disable=g-import-not-at-top
   client = _client(address, "SuperExec")
   request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+  wait = poll_s
   try:
     while not stop.is_set() and (child is None or child.poll() is None):
       try:
@@ -167,7 +175,9 @@ def serve(address: str, handler: Callable, stop: threading.Event,
         if log is not None:
           log(f"{kind} message handled in {time.perf_counter() - t0:.2f}s "
               f"({busy:.2f}s computing)")
+        wait = poll_s
       else:
-        stop.wait(poll_s)
+        stop.wait(wait)
+        wait = min(wait * IDLE_GROWTH, idle_poll_s)
   finally:
     client.close()

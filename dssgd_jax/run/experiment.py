@@ -363,9 +363,14 @@ def run(plan_or_config, dataset=None, parts=None, log=None,
   if workdir is None and plan.config is not None:
     workdir = plan.config.workdir
   writer = jax.process_index() == 0
+  created = outputs.missing_dirs(workdir) if writer else []
   outputs.prepare_workdir(workdir, writer)
-  outputs.check_resumable(workdir, plan)
-  exp = setup(plan, dataset, parts)
+  try:
+    outputs.check_resumable(workdir, plan)
+    exp = setup(plan, dataset, parts)
+  except BaseException:
+    outputs.remove_if_empty(created)  # nothing written: leave no trace
+    raise
   ckpt_path = os.path.join(workdir, CHECKPOINT)
   metrics_path = os.path.join(workdir, METRICS)
   state, start = exp.init_state, 0

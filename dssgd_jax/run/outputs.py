@@ -191,6 +191,29 @@ def append_metrics(path: str, row: dict) -> None:
       os.fsync(f.fileno())
 
 
+def missing_dirs(path: str | None) -> list[str]:
+  """The directories ``os.makedirs(path)`` would create, deepest first."""
+  out = []
+  path = os.path.abspath(path) if path else None
+  while path and not os.path.exists(path):
+    out.append(path)
+    parent = os.path.dirname(path)
+    if parent == path:
+      break
+    path = parent
+  return out
+
+
+def remove_if_empty(dirs: list[str]) -> None:
+  """Removes ``dirs`` (deepest first, as :func:`missing_dirs` lists them)
+  while they are empty: a run that failed before writing leaves no trace."""
+  for d in dirs:
+    try:
+      os.rmdir(d)
+    except OSError:
+      return
+
+
 def prepare_workdir(workdir: str | None, writer: bool = True) -> str:
   """Creates ``workdir`` and checks it can be written, before any work.
 
