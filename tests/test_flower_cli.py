@@ -28,7 +28,8 @@ from dssgd_jax.flower import __main__ as cli  # pylint: disable=g-import-not-at-
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ("--dataset=digits --model=digits_mlp --num_participants=2 "
-        "--samples_per_participant=20 --epochs=1 --progress=false")
+        "--samples_per_participant=20 --batch_size=10 --epochs=1 "
+        "--progress=false")
 
 
 def _flower(*args, timeout=60, cwd=REPO):
@@ -80,6 +81,7 @@ def test_tls_always_covers_what_the_superlinks_own_processes_dial(tmp_path):
       assert hosts in names
 
 
+@pytest.mark.slow(seconds=40)
 def test_a_certificate_that_does_not_cover_the_address_is_one_sentence(
     tmp_path, monkeypatch):
   """The silent hang of the last round: a SuperLink whose certificate does
@@ -164,6 +166,7 @@ def test_flag_errors_are_refused_before_anything_starts(tmp_path):
   _one_sentence(out, "--upload_fraction")
 
 
+@pytest.mark.slow(seconds=20)
 def test_a_changed_flag_on_an_existing_run_is_refused_at_once(tmp_path):
   workdir = tmp_path / "run"
   sim = subprocess.run(

@@ -327,7 +327,7 @@ def _check_parallel_with_faults(cluster, tmp_path):
   assert "resuming" in cluster.log("run")
   rows = _metrics(workdir)
   assert [r["epoch"] for r in rows] == [1, 2, 3]
-  assert [r["missing"] for r in rows] == [[], [], [2]]
+  assert [r["missing"] for r in rows] == [[], [], [2]], _tails(cluster)
   assert [r["lost_uploads"] for r in rows] == [0, 0, 1]
   assert rows[-1]["participant_accuracy_mean"] is not None  # 2 evaluated
   # Up to the lost upload, across the restart, the simulation's run.
@@ -339,6 +339,12 @@ def _check_parallel_with_faults(cluster, tmp_path):
   with open(tmp_path / "upto2" / experiment.METRICS, "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows[:2])
   _assert_same_run(tmp_path / "upto2", sim.workdir)
+
+
+def _tails(cluster, chars=1500):
+  """The end of every process's log, for a failure's message."""
+  return "\n".join(f"--- {name}:\n{cluster.log(name)[-chars:]}"
+                   for name in ("run", "node0", "node1", "node2"))
 
 
 def _check_back(cluster):

@@ -156,10 +156,12 @@ def test_a_cached_audit_must_be_current_and_complete(tmp_path):
   workdir = str(tmp_path)
   ckpt, path = tmp_path / "checkpoint.npz", tmp_path / "audit.json"
   ckpt.write_bytes(b"")
-  audit = {"audit_seed": 0, "num_params": 10,
+  audit = {"audit_seed": 0, "num_params": 10, "canary": {"canaries": 0},
            "attacks": {"loss": {}, "margin": {}, "calibrated": {}}}
-  _write(str(path), audit)
+  _write(str(path), {k: v for k, v in audit.items() if k != "canary"})
   os.utime(ckpt, (1, 1))
+  assert sweep.cached_audit(workdir, 0) is None  # from before canaries
+  _write(str(path), audit)
   assert sweep.cached_audit(workdir, 0) == audit
   assert sweep.cached_audit(workdir, 1) is None  # another seed
   _write(str(path), dict(audit, attacks={"loss": {}}))
@@ -246,10 +248,14 @@ def test_privacy_table_runs_audits_and_reuses(tmp_path):
   logs = []
   text = privacy_table.privacy_table(base, log=logs.append, **kw)
   assert (tmp_path / "privacy_table.md").read_text() == text
-  lines = [l for l in text.splitlines() if l.startswith("| ")]
-  assert [l.split(" | ")[0] for l in lines[1:]] == [
-      "| Standalone", "| DSSGD θu = 0.01 + SVT, ε = 10/epoch"]
-  assert "0 (shares nothing)" in lines[1] and "10 (10/epoch × 1)" in lines[2]
+  claimed, membership = text.split("## Claimed against measured")[1].split(
+      "## Membership inference against the models")
+  for table in (claimed, membership):
+    lines = [l for l in table.splitlines() if l.startswith("| ")]
+    assert [l.split(" | ")[0] for l in lines[1:]] == [
+        "| Standalone", "| DSSGD θu = 0.01 + SVT, ε = 10/epoch"]
+    assert "0 (shares nothing)" in lines[1] and "10 (10/epoch × 1)" in lines[2]
+  assert "not audited (--canaries=0)" in claimed
   results = json.loads((tmp_path / "privacy_table.json").read_text())
   assert [r["key"] for r in results["rows"]] == ["standalone", "svt_0.01_eps10"]
   assert sum("run " in l and "/2:" in l for l in logs) == 2

@@ -14,13 +14,16 @@ is shortened, nothing else changes) and with short retries of
 a message's objects (:func:`shorten_object_retries`). Each idle poll is one
 signed HTTPS request to the SuperLink: cheap for tens of participants.
 
-Two robustness changes, both measured at 30 participants on two cores
+Three robustness changes, the first two measured at 30 participants on two cores
 (``benchmarks/deploy_visits.py``): the SuperLink's SQLite state answers
 ``500`` ("database is locked") under a burst of requests, which Flower's
 client does not retry, so a participant's first ``get-fab`` failed and its
 poll loop ended for good; here a 500 is retried like a 503
 (:func:`retry_server_errors`), and an error while pulling a message is
-logged and the next poll goes on (:func:`keep_polling`).
+logged and the next poll goes on (:func:`keep_polling`); a heartbeat
+that fails with an unexpected answer is retried instead of ending the
+heartbeat thread for good (:func:`keep_heartbeat`: seen as participants that
+never came back after a SuperLink restart on a loaded CI machine).
 """
 
 import sys
@@ -53,6 +56,36 @@ def retry_server_errors() -> None:
   http_retry._RETRYABLE_STATUS_CODES = frozenset(  # pylint: disable=protected-access
       set(http_retry._RETRYABLE_STATUS_CODES)  # pylint: disable=protected-access
       | {httpx.codes.INTERNAL_SERVER_ERROR})
+
+
+def keep_heartbeat() -> None:
+  """A heartbeat that fails with an unexpected answer is retried (Flower's
+  backoff, up to 20 s) instead of ending the heartbeat thread.
+
+  Flower 1.42's SuperNode retries a heartbeat only on a transport error or
+  502-504; any other HTTP status (a ``500`` "database is locked" from a busy
+  SuperLink, or an answer while a restarted SuperLink is still starting)
+  raises out of the thread, which ends silently: the SuperNode keeps polling
+  but the SuperLink marks it offline 30-60 s later and the ServerApp, which
+  asks for the online nodes, never sees it again. ``401`` still stops the
+  SuperNode (Flower sends it SIGINT before raising).
+  """
+  from logging import WARNING  # pylint: disable=g-import-not-at-top
+  from flwr.supercore import heartbeat  # pylint: disable=g-import-not-at-top
+  from flwr.supercore import log  # pylint: disable=g-import-not-at-top
+
+  def beat(self) -> None:
+    if self._stop_event.is_set():  # pylint: disable=protected-access
+      return
+    try:
+      ok = self.heartbeat_fn()
+    except Exception as e:  # pylint: disable=broad-except
+      log(WARNING, "Heartbeat failed (%s); retrying.", e)
+      raise heartbeat.HeartbeatFailure from e
+    if not ok:
+      raise heartbeat.HeartbeatFailure
+
+  heartbeat.HeartbeatSender._heartbeat = beat  # pylint: disable=protected-access
 
 
 def keep_polling(module) -> None:
@@ -112,6 +145,7 @@ def main(argv=None) -> None:
   shorten_object_retries()
   retry_server_errors()
   keep_polling(start_client_internal)
+  keep_heartbeat()
   sys.argv = ["flower-supernode"] + list(sys.argv[1:] if argv is None
                                          else argv)
   flower_supernode()

@@ -341,6 +341,9 @@ def cached_audit(workdir: str, seed: int,
                  attacks: Sequence[str] | None = None) -> dict | None:
   """The run's audit.json if it is newer than its checkpoint and complete.
 
+  Complete: drawn with ``seed``, holding every attack asked for and the
+  canary audit's result (an audit.json from before canaries is redone).
+
   Args:
     workdir: the run's directory.
     seed: the audit seed the result must have been drawn with.
