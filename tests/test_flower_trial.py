@@ -62,6 +62,7 @@ def _processes_mentioning(text):
   return out
 
 
+@pytest.mark.slow(seconds=150)
 def test_the_documented_tls_trial_runs_as_written(tmp_path):
   script = trial_script()
   # What the test relies on is in the documented commands themselves.
