@@ -39,12 +39,12 @@ def test_a_heartbeat_answered_with_500_is_retried_not_ended(monkeypatch):
   sender = heartbeat.HeartbeatSender(beat)
   sender.start()
   try:
-    # Flower's backoff waits 1 s before the first retry.
+    # Flower's backoff waits up to 1 s before the first retry.
     assert second.wait(timeout=10), "the heartbeat thread ended"
     assert sender.is_running
   finally:
     sender.stop()
-  assert len(calls) >= 2 and 0.5 <= calls[1] - calls[0] <= 5
+  assert len(calls) >= 2 and 0 < calls[1] - calls[0] <= 5  # a backoff wait
 
 
 def test_a_failed_pull_is_logged_and_polling_goes_on(monkeypatch):
