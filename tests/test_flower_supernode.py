@@ -94,3 +94,40 @@ def test_a_500_is_retried_like_a_503(monkeypatch):
   assert {httpx.codes.INTERNAL_SERVER_ERROR,
           httpx.codes.SERVICE_UNAVAILABLE} <= (
               http_retry._RETRYABLE_STATUS_CODES)
+
+
+def test_a_task_that_fails_outside_the_app_does_not_end_serving(monkeypatch):
+  """A failed task (its message's objects never reached the SuperNode: the
+  SuperLink went away mid-transfer) is one warning; the next task is
+  served. Before, the serving thread ended and the participant stayed
+  connected without ever answering again."""
+  from dssgd_jax.flower import executor  # pylint: disable=g-import-not-at-top
+  stop = threading.Event()
+  task = types.SimpleNamespace(HasField=lambda name: True, token="t")
+
+  class FakeSuperNode:
+    def AcquireTask(self, request):  # pylint: disable=invalid-name
+      return task
+
+    def close(self):
+      pass
+
+  handled, warned = [], []
+
+  def handle_task(address, token, handler):
+    handled.append(token)
+    if len(handled) == 1:
+      raise RuntimeError("Failed to pull object: timeout or retry limit")
+    stop.set()
+    return "train", 0.0
+
+  monkeypatch.setattr(executor, "_client", lambda *a, **k: FakeSuperNode())
+  monkeypatch.setattr(executor, "handle_task", handle_task)
+  thread = threading.Thread(target=executor.serve, args=(
+      "127.0.0.1:1", None, stop), kwargs=dict(warn=warned.append))
+  thread.start()
+  thread.join(timeout=10)
+  assert not thread.is_alive()
+  assert handled == ["t", "t"]  # served on after the failure
+  assert len(warned) == 1 and "Failed to pull object" in warned[0]
+  assert "serving the next one" in warned[0]

@@ -21,6 +21,7 @@ tests/test_flower_deploy.py runs this path end to end.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from typing import Callable
@@ -142,7 +143,7 @@ def handle_task(address: str, token: str,
 def serve(address: str, handler: Callable, stop: threading.Event,
           log: Callable[[str], None] | None = None,
           poll_s: float = POLL_S, idle_poll_s: float = IDLE_POLL_S,
-          child=None) -> None:
+          child=None, warn: Callable[[str], None] | None = None) -> None:
   """Asks the SuperNode at ``address`` (its local runtime API) for tasks
   and handles each in this process, until ``stop`` is set.
 
@@ -155,7 +156,12 @@ def serve(address: str, handler: Callable, stop: threading.Event,
       has no task: ``poll_s`` after a task, growing to ``idle_poll_s``.
     child: the SuperNode's process, if this process started it: serving
       ends when it does.
+    warn: one line for a task that failed outside the handler (default:
+      printed to stderr); serving goes on with the next task.
   """
+  if warn is None:
+    warn = lambda msg: print(f"[dssgd executor] {msg}", file=sys.stderr,
+                             flush=True)
   from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=g-import-not-at-top
   from flwr.supercore.constant import TaskType  # pylint: disable=g-import-not-at-top
   client = _client(address, "SuperExec")
@@ -171,7 +177,17 @@ def serve(address: str, handler: Callable, stop: threading.Event,
         continue
       if res.HasField("task") and res.token:
         t0 = time.perf_counter()
-        kind, busy = handle_task(address, res.token, handler)
+        try:
+          kind, busy = handle_task(address, res.token, handler)
+        except Exception as e:  # pylint: disable=broad-except
+          # Outside the app (its errors are replies): e.g. the message's
+          # objects never reached the SuperNode because the SuperLink went
+          # away mid-transfer; the SuperNode fails that task itself. One
+          # failed task must not end serving: the participant would stay
+          # connected and never answer again.
+          warn(f"a task failed before its reply was sent "
+               f"({type(e).__name__}: {e}); serving the next one.")
+          continue
         if log is not None:
           log(f"{kind} message handled in {time.perf_counter() - t0:.2f}s "
               f"({busy:.2f}s computing)")
