@@ -213,6 +213,41 @@ def test_default_reply_carries_only_upload_and_protocol_fields(tmp_path):
   assert [bool(l.get("refused")) for l in ledger] == [False, True]
 
 
+def test_a_bad_data_file_is_named_at_home_not_to_the_server(tmp_path, capsys):
+  """The sentence saying what is wrong with a participant's data file can
+  hold values computed from the data (their range): it goes to the
+  participant's own log; the server is told only that the file does not
+  fit."""
+  from flwr.app import Context, Message, RecordDict  # pylint: disable=g-import-not-at-top
+  from flwr.supercore.task_identity import TaskIdentity  # pylint: disable=g-import-not-at-top
+  from dssgd_jax.flower import client_app, wire  # pylint: disable=g-import-not-at-top
+  TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 2, 3
+  rng = np.random.default_rng(0)
+  np.savez(tmp_path / "data.npz",
+           train_images=(255 * rng.random((10, 8, 8, 1))).astype(np.float32),
+           train_labels=rng.integers(0, 10, 10),
+           test_images=rng.random((5, 8, 8, 1)).astype(np.float32),
+           test_labels=rng.integers(0, 10, 5))
+  context = Context(run_id=1, node_id=2, node_config={
+      "partition-id": 1, "state-dir": str(tmp_path / "node"),
+      "data-dir": str(tmp_path)}, state=RecordDict(), run_config={})
+  cfg = build.validate(config_lib.Config(
+      **TINY, workdir=str(tmp_path / "w"), noise="svt", epsilon=1.0,
+      clip_bound=0.01, threshold=0.001))
+  co = coordinator.Coordinator(cfg)
+  idx, val = co.download_for(1, co.download_keys(1)[1])
+  msg = Message(RecordDict({
+      wire.CONFIG: wire.config(epoch=1, run=cfg.to_json(), evaluate=0),
+      wire.DOWNLOAD: wire.arrays(indices=idx, values=val),
+      wire.INIT: wire.arrays(values=co.initial)}), 2, wire.TRAIN)
+  reply = client_app.train(msg, context).content
+  assert dict(reply[wire.CONFIG]) == {"error": node.DATA_FILE_REFUSAL}
+  assert set(reply[wire.METRICS].keys()) == {"epoch"}
+  assert wire.UPLOAD not in reply.array_records
+  logged = capsys.readouterr().err  # its own log: the file and the range
+  assert "values run from" in logged and str(tmp_path) in logged
+
+
 def test_own_data_dir(tmp_path):
   cfg = build.validate(config_lib.Config(**TINY,
                                               workdir=str(tmp_path / "w")))

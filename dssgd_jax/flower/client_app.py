@@ -154,9 +154,14 @@ def train(message: Message, context: Context) -> Message:
                     evaluate=bool(int(conf.get("evaluate", 0))))
   except UserError as e:  # e.g. its data does not fit the run: one sentence
     _log_line(str(e))
+    # What is wrong with its data file may name values computed from the
+    # data (their range): that stays in its own log.
+    from dssgd_jax.flower import node as node_lib  # pylint: disable=g-import-not-at-top
+    public = (node_lib.DATA_FILE_REFUSAL
+              if isinstance(e, node_lib.DataFileError) else str(e))
     return Message(RecordDict({
         wire.METRICS: wire.metrics(epoch=int(conf["epoch"])),
-        wire.CONFIG: wire.config(error=str(e))}), reply_to=message)
+        wire.CONFIG: wire.config(error=public)}), reply_to=message)
   return Message(reply_content(visit), reply_to=message)
 
 

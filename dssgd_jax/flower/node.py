@@ -131,6 +131,17 @@ class Visit:
 DATA_ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
 
 
+class DataFileError(ConfigError):
+  """A participant's data file does not fit the run. Its sentence names the
+  file and what is wrong, which may include values computed from the data
+  (their range): it is for the participant's own log. The server is told
+  only :data:`DATA_FILE_REFUSAL`."""
+
+
+DATA_FILE_REFUSAL = ("its data.npz does not fit the run (its own log says "
+                     "how; nothing computed from the data is sent).")
+
+
 def load_data_dir(path: str, plan) -> data_base.Dataset:
   """A participant's own data, checked against the run: ``path/data.npz``
   with ``train_images``, ``train_labels``, ``test_images``, ``test_labels``
@@ -139,7 +150,7 @@ def load_data_dir(path: str, plan) -> data_base.Dataset:
   plan's model (padding, YUV) but not standardized.
 
   Raises:
-    ConfigError: one sentence naming the file and what is wrong with it (the
+    DataFileError: one sentence naming the file and what is wrong with it (the
       expected shape, dtype or range).
   """
   file = os.path.join(path, "data.npz")
@@ -147,9 +158,9 @@ def load_data_dir(path: str, plan) -> data_base.Dataset:
     with np.load(file) as z:
       arrays = {k: z[k] for k in DATA_ARRAYS}
   except (OSError, KeyError, ValueError, EOFError) as e:
-    raise ConfigError(f"data-dir {path}: {file} is not a readable data file "
-                      f"with train_images, train_labels, test_images and "
-                      f"test_labels ({e}).") from None
+    raise DataFileError(f"data-dir {path}: {file} is not a readable data "
+                        "file with train_images, train_labels, test_images "
+                        f"and test_labels ({e}).") from None
   check_data(arrays, plan.data.dataset, file)
   ds = data_base.Dataset(
       arrays["train_images"].astype(np.float32),
@@ -165,20 +176,20 @@ def check_data_file(file: str) -> None:
   dataset (every check of :func:`check_data` but the image shape).
 
   Raises:
-    ConfigError: one sentence naming the file and what is wrong.
+    DataFileError: one sentence naming the file and what is wrong.
   """
   try:
     with np.load(file) as z:
       arrays = {k: z[k] for k in DATA_ARRAYS}
   except (OSError, KeyError, ValueError, EOFError) as e:
-    raise ConfigError(f"{file} is not a readable data file with "
-                      "train_images, train_labels, test_images and "
-                      f"test_labels ({e}).") from None
+    raise DataFileError(f"{file} is not a readable data file with "
+                        "train_images, train_labels, test_images and "
+                        f"test_labels ({e}).") from None
   check_data(arrays, None, file)
 
 
 def check_data(arrays: dict, dataset: str | None, file: str) -> None:
-  """Raises ConfigError unless ``arrays`` hold ``dataset``'s examples
+  """Raises DataFileError unless ``arrays`` hold ``dataset``'s examples
   (any dataset's image shape when ``dataset`` is None)."""
   shape = None if dataset is None else tuple(
       datasets_lib.IMAGE_SHAPES[dataset])
@@ -186,37 +197,37 @@ def check_data(arrays: dict, dataset: str | None, file: str) -> None:
     x, y = arrays[f"{split}_images"], arrays[f"{split}_labels"]
     if shape is None:
       if x.ndim != 4:
-        raise ConfigError(f"{file}: {split}_images has shape "
-                          f"{tuple(x.shape)}, not (n, height, width, "
-                          "channels); see the data.npz recipe in "
-                          "docs/deployment.md.")
+        raise DataFileError(f"{file}: {split}_images has shape "
+                            f"{tuple(x.shape)}, not (n, height, width, "
+                            "channels); see the data.npz recipe in "
+                            "docs/deployment.md.")
     elif x.ndim != 4 or tuple(x.shape[1:]) != shape:
       want = f"(n, {', '.join(map(str, shape))})"
-      raise ConfigError(
+      raise DataFileError(
           f"{file}: {split}_images has shape {tuple(x.shape)}, but "
           f"--dataset={dataset} images are {want}; see the data.npz recipe "
           "for it in docs/deployment.md.")
     if x.shape[0] < 1:
-      raise ConfigError(f"{file}: {split}_images holds no example; it needs "
-                        "at least one.")
+      raise DataFileError(f"{file}: {split}_images holds no example; it needs "
+                          "at least one.")
     if not np.issubdtype(x.dtype, np.floating):
-      raise ConfigError(f"{file}: {split}_images is {x.dtype}, not float32 "
-                        "values in [0, 1] (divide uint8 pixels by 255, "
-                        "digits' 0-16 values by 16).")
+      raise DataFileError(f"{file}: {split}_images is {x.dtype}, not float32 "
+                          "values in [0, 1] (divide uint8 pixels by 255, "
+                          "digits' 0-16 values by 16).")
     lo, hi = float(np.min(x)), float(np.max(x))
     if not (np.isfinite(lo) and np.isfinite(hi) and lo >= 0.0 and hi <= 1.0):
-      raise ConfigError(f"{file}: {split}_images values run from {lo:g} to "
-                        f"{hi:g}, not within [0, 1] (divide uint8 pixels by "
-                        "255, digits' 0-16 values by 16).")
+      raise DataFileError(f"{file}: {split}_images values run from {lo:g} to "
+                          f"{hi:g}, not within [0, 1] (divide uint8 pixels by "
+                          "255, digits' 0-16 values by 16).")
     if y.shape != (x.shape[0],):
-      raise ConfigError(f"{file}: {split}_labels has shape {tuple(y.shape)}, "
-                        f"not ({x.shape[0]},), one label per image.")
+      raise DataFileError(f"{file}: {split}_labels has shape {tuple(y.shape)}, "
+                          f"not ({x.shape[0]},), one label per image.")
     if not np.issubdtype(y.dtype, np.integer) or (
         y.size and (y.min() < 0 or y.max() >= datasets_lib.NUM_CLASSES)):
-      raise ConfigError(f"{file}: {split}_labels must be integers 0 to "
-                        f"{datasets_lib.NUM_CLASSES - 1} (got {y.dtype}"
-                        + (f", {y.min()} to {y.max()}" if y.size and
-                           np.issubdtype(y.dtype, np.number) else "") + ").")
+      raise DataFileError(f"{file}: {split}_labels must be integers 0 to "
+                          f"{datasets_lib.NUM_CLASSES - 1} (got {y.dtype}"
+                          + (f", {y.min()} to {y.max()}" if y.size and
+                             np.issubdtype(y.dtype, np.number) else "") + ").")
 
 
 def participant_key(seed: int, epoch: int, index: int,
@@ -289,7 +300,7 @@ class Participant:
     flat, self.unravel = participant_lib.flatten_params(params)
     self.num_params = int(flat.shape[0])
     if self.num_params != self.plan.num_params:
-      raise ConfigError(
+      raise DataFileError(
           f"data-dir {data_dir}: its images make a {self.plan.model} of "
           f"{self.num_params:,} parameters, the run's has "
           f"{self.plan.num_params:,}; the images must be "
