@@ -180,8 +180,21 @@ def test_policy_refusals(tmp_path):
   assert s.spent()[0] == 10.0
 
 
+def _first_train_message(cfg, evaluate):
+  """The server's epoch-1 message to participant 1 (download and initial
+  model)."""
+  from flwr.app import Message, RecordDict  # pylint: disable=g-import-not-at-top
+  from dssgd_jax.flower import wire  # pylint: disable=g-import-not-at-top
+  co = coordinator.Coordinator(cfg)
+  idx, val = co.download_for(1, co.download_keys(1)[1])
+  return Message(RecordDict({
+      wire.CONFIG: wire.config(epoch=1, run=cfg.to_json(), evaluate=evaluate),
+      wire.DOWNLOAD: wire.arrays(indices=idx, values=val),
+      wire.INIT: wire.arrays(values=co.initial)}), 2, wire.TRAIN)
+
+
 def test_default_reply_carries_only_upload_and_protocol_fields(tmp_path):
-  from flwr.app import Context, Message, RecordDict  # pylint: disable=g-import-not-at-top
+  from flwr.app import Context, RecordDict  # pylint: disable=g-import-not-at-top
   from flwr.supercore.task_identity import TaskIdentity  # pylint: disable=g-import-not-at-top
   from dssgd_jax.flower import client_app, wire  # pylint: disable=g-import-not-at-top
   TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 2, 3
@@ -198,13 +211,8 @@ def test_default_reply_carries_only_upload_and_protocol_fields(tmp_path):
   ]:
     cfg = build.validate(config_lib.Config(
         **TINY, workdir=str(tmp_path / "w"), **over))
-    co = coordinator.Coordinator(cfg)
-    idx, val = co.download_for(1, co.download_keys(1)[1])
-    msg = Message(RecordDict({
-        wire.CONFIG: wire.config(epoch=1, run=cfg.to_json(), evaluate=1),
-        wire.DOWNLOAD: wire.arrays(indices=idx, values=val),
-        wire.INIT: wire.arrays(values=co.initial)}), 2, wire.TRAIN)
-    reply = client_app.train(msg, context).content
+    reply = client_app.train(_first_train_message(cfg, evaluate=1),
+                             context).content
     got = {name: set(record.keys()) for name, record in reply.items()}
     assert got == want, got
   # The machine's ledger holds both visits.
@@ -218,7 +226,7 @@ def test_a_bad_data_file_is_named_at_home_not_to_the_server(tmp_path, capsys):
   hold values computed from the data (their range): it goes to the
   participant's own log; the server is told only that the file does not
   fit."""
-  from flwr.app import Context, Message, RecordDict  # pylint: disable=g-import-not-at-top
+  from flwr.app import Context, RecordDict  # pylint: disable=g-import-not-at-top
   from flwr.supercore.task_identity import TaskIdentity  # pylint: disable=g-import-not-at-top
   from dssgd_jax.flower import client_app, wire  # pylint: disable=g-import-not-at-top
   TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 2, 3
@@ -234,13 +242,8 @@ def test_a_bad_data_file_is_named_at_home_not_to_the_server(tmp_path, capsys):
   cfg = build.validate(config_lib.Config(
       **TINY, workdir=str(tmp_path / "w"), noise="svt", epsilon=1.0,
       clip_bound=0.01, threshold=0.001))
-  co = coordinator.Coordinator(cfg)
-  idx, val = co.download_for(1, co.download_keys(1)[1])
-  msg = Message(RecordDict({
-      wire.CONFIG: wire.config(epoch=1, run=cfg.to_json(), evaluate=0),
-      wire.DOWNLOAD: wire.arrays(indices=idx, values=val),
-      wire.INIT: wire.arrays(values=co.initial)}), 2, wire.TRAIN)
-  reply = client_app.train(msg, context).content
+  reply = client_app.train(_first_train_message(cfg, evaluate=0),
+                           context).content
   assert dict(reply[wire.CONFIG]) == {"error": node.DATA_FILE_REFUSAL}
   assert set(reply[wire.METRICS].keys()) == {"epoch"}
   assert wire.UPLOAD not in reply.array_records

@@ -153,15 +153,8 @@ def load_data_dir(path: str, plan) -> data_base.Dataset:
     DataFileError: one sentence naming the file and what is wrong with it (the
       expected shape, dtype or range).
   """
-  file = os.path.join(path, "data.npz")
-  try:
-    with np.load(file) as z:
-      arrays = {k: z[k] for k in DATA_ARRAYS}
-  except (OSError, KeyError, ValueError, EOFError) as e:
-    raise DataFileError(f"data-dir {path}: {file} is not a readable data "
-                        "file with train_images, train_labels, test_images "
-                        f"and test_labels ({e}).") from None
-  check_data(arrays, plan.data.dataset, file)
+  arrays = read_data_file(os.path.join(path, "data.npz"), plan.data.dataset,
+                          where=f"data-dir {path}: ")
   ds = data_base.Dataset(
       arrays["train_images"].astype(np.float32),
       arrays["train_labels"].astype(np.int32),
@@ -171,9 +164,14 @@ def load_data_dir(path: str, plan) -> data_base.Dataset:
   return transforms.preprocess(ds, model=plan.model, standardize=False)
 
 
-def check_data_file(file: str) -> None:
-  """What can be checked of a ``data.npz`` before the run names its
-  dataset (every check of :func:`check_data` but the image shape).
+def read_data_file(file: str, dataset: str | None,
+                   where: str = "") -> dict:
+  """The arrays of a ``data.npz``, checked by :func:`check_data`.
+
+  Args:
+    file: the file.
+    dataset: the run's dataset (None: any dataset's image shape).
+    where: what the error sentence starts with (e.g. the ``--data_dir``).
 
   Raises:
     DataFileError: one sentence naming the file and what is wrong.
@@ -182,10 +180,21 @@ def check_data_file(file: str) -> None:
     with np.load(file) as z:
       arrays = {k: z[k] for k in DATA_ARRAYS}
   except (OSError, KeyError, ValueError, EOFError) as e:
-    raise DataFileError(f"{file} is not a readable data file with "
+    raise DataFileError(f"{where}{file} is not a readable data file with "
                         "train_images, train_labels, test_images and "
                         f"test_labels ({e}).") from None
-  check_data(arrays, None, file)
+  check_data(arrays, dataset, file)
+  return arrays
+
+
+def check_data_file(file: str) -> None:
+  """What can be checked of a ``data.npz`` before the run names its
+  dataset (every check of :func:`check_data` but the image shape).
+
+  Raises:
+    DataFileError: one sentence naming the file and what is wrong.
+  """
+  read_data_file(file, None)
 
 
 def check_data(arrays: dict, dataset: str | None, file: str) -> None:
